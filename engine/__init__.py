@@ -1,0 +1,32 @@
+"""apudae-engine: adversarial purification with adaptive denoising autoencoders (APuDAE).
+
+Public API (imported lazily, so ``import apudae_engine`` stays cheap)::
+
+    from apudae_engine import Purifier, PurifyConfig, purify_folder
+    purifier = Purifier.from_pretrained("fmnist")      # an nn.Module
+    clean = purifier(images)                           # NCHW float in [0, 1]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._version import __version__
+
+_LAZY = {
+    "Purifier": ("apudae_engine.purifier", "Purifier"),
+    "PurifyConfig": ("apudae_engine.config", "PurifyConfig"),
+    "purify_folder": ("apudae_engine.pipeline", "purify_folder"),
+    "FolderJob": ("apudae_engine.pipeline", "FolderJob"),
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'apudae_engine' has no attribute {name!r}")

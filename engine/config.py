@@ -1,0 +1,85 @@
+"""Purification settings: one validated dataclass holding every hyper-parameter of METHOD.md."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+METHODS = ("adaptive", "iterative", "direct")
+# Defaults from the authors' code (METHOD.md): adaptive T=13, lr=2/255; iterative N=12, lr=1/255.
+_METHOD_DEFAULTS = {"adaptive": (13, 2.0 / 255), "iterative": (12, 1.0 / 255), "direct": (0, 0.0)}
+COMPAT_SIGMA = 0.5  # the value the authors' code silently overwrites the calibrated sigma with
+
+
+@dataclass(frozen=True)
+class PurifyConfig:
+    """How images are purified.
+
+    Args:
+        method: ``adaptive`` (APuDAE, default), ``iterative`` (fixed Adam steps on the
+            reconstruction error) or ``direct`` (x' = D(x)).
+        steps: optimizer steps; None takes the method's default (13 adaptive, 12 iterative).
+        lr: Adam learning rate; None takes the method's default (2/255 adaptive, 1/255 iterative).
+        beta1, beta2, adam_eps: Adam constants (torch defaults).
+        noise: add the adaptive method's per-image noise (off makes it deterministic).
+        noise_eps: eps_n, the noise amplitude unit (0.7/255).
+        noise_max_scale: upper clip of ((r - mu) / (2 sigma))^2 (4).
+        seed: keys the counter-based noise together with each image's identity.
+        clip: clamp purified images to [0, 1] (the authors' code does not).
+        sigma_override: use this sigma instead of the calibrated one.
+        flag_k: an image is flagged as likely adversarial when r > mu + flag_k * sigma.
+    Example: ``PurifyConfig(method="adaptive", steps=13, seed=1)``; ``PurifyConfig.compat()``
+    reproduces the authors' code (sigma 0.5, no clipping).
+    """
+
+    method: str = "adaptive"
+    steps: int | None = None
+    lr: float | None = None
+    beta1: float = 0.9
+    beta2: float = 0.999
+    adam_eps: float = 1e-8
+    noise: bool = True
+    noise_eps: float = 0.7 / 255
+    noise_max_scale: float = 4.0
+    seed: int = 0
+    clip: bool = True
+    sigma_override: float | None = None
+    flag_k: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        default_steps, default_lr = _METHOD_DEFAULTS[self.method]
+        if self.steps is None:
+            object.__setattr__(self, "steps", default_steps)
+        if self.lr is None:
+            object.__setattr__(self, "lr", default_lr)
+        if self.method != "direct" and self.steps < 1:
+            raise ValueError(f"steps must be at least 1 for method {self.method}, got {self.steps}")
+        if self.lr < 0:
+            raise ValueError(f"lr must be non-negative, got {self.lr}")
+        if not (0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0):
+            raise ValueError(f"Adam betas must lie in [0, 1), got {self.beta1}, {self.beta2}")
+        if self.adam_eps <= 0:
+            raise ValueError(f"adam_eps must be positive, got {self.adam_eps}")
+        if self.noise_eps < 0 or self.noise_max_scale < 0:
+            raise ValueError("noise_eps and noise_max_scale must be non-negative")
+        if self.sigma_override is not None and self.sigma_override <= 0:
+            raise ValueError(f"sigma_override must be positive, got {self.sigma_override}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must lie in [0, 2**32), got {self.seed}")
+
+    @classmethod
+    def compat(cls, **overrides: Any) -> PurifyConfig:
+        """The authors' code behaviour: sigma forced to 0.5 and no clipping to [0, 1]."""
+        return cls(**{"sigma_override": COMPAT_SIGMA, "clip": False, **overrides})
+
+    def with_(self, **changes: Any) -> PurifyConfig:
+        """A copy with some fields changed; a new method brings its own default steps and lr."""
+        if changes.get("method", self.method) != self.method:
+            changes.setdefault("steps", None)
+            changes.setdefault("lr", None)
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,327 @@
+"""Folder purification: discover, decode, purify, write, record; resumable and fault-tolerant.
+
+Layout of an output folder::
+
+    OUT/run.json          settings and model hashes of the run (resume checks them)
+    OUT/manifest.jsonl    one JSON record per input image (ok or error), sorted at the end
+    OUT/summary.json      counts, throughput and stage times of the last invocation
+    OUT/preview.png       optional grid: input | purified | amplified difference
+    OUT/<rel path>.png    purified images, same relative paths, lossless PNG
+
+A purified image is written atomically before its manifest record is appended, so after a
+kill every recorded image exists and rerunning the same command redoes only the rest. Each
+image's noise is keyed by its relative path, so resumed and uninterrupted runs write the same
+bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ._version import __version__
+from .checkpoint import BUNDLED_DIR, load_checkpoint
+from .config import PurifyConfig
+from .errors import UserError
+from .imageio import ImageError, discover_images, encode_png, load_image, to_uint8, write_atomic
+from .progress import progress
+from .purifier import Purifier, resolve_device
+
+log = logging.getLogger(__name__)
+MANIFEST, RUN_FILE, SUMMARY, PREVIEW = "manifest.jsonl", "run.json", "summary.json", "preview.png"
+
+
+@dataclass
+class FolderJob:
+    """A ``purify`` run over a folder; see ``apudae-engine purify --help`` for each field."""
+
+    input_dir: str | Path
+    output_dir: str | Path | None = None
+    batch_size: int = 512
+    model: str | Path = "fmnist"
+    classifier: str | Path | None = None  # None: the bundled model's classifier; "none": skip
+    config: PurifyConfig = field(default_factory=PurifyConfig)
+    device: str = "auto"
+    backend: str = "reference"
+    overwrite: bool = False
+    preview: int = 0
+    max_pixels: int = 64_000_000
+    workers: int = 2
+
+    def __post_init__(self) -> None:
+        self.input_dir = Path(self.input_dir)
+        if self.output_dir is None:
+            self.output_dir = self.input_dir.with_name(self.input_dir.name + "_purified")
+        self.output_dir = Path(self.output_dir)
+        if self.batch_size < 1:
+            raise UserError(f"--batch must be at least 1, got {self.batch_size}")
+        if self.workers < 1:
+            raise UserError(f"--workers must be at least 1, got {self.workers}")
+        if self.preview < 0:
+            raise UserError("--preview must be non-negative")
+
+
+@dataclass
+class Summary:
+    total: int = 0
+    ok: int = 0
+    failed: int = 0
+    resumed: int = 0
+    flagged: int = 0
+    seconds: float = 0.0
+    stage_seconds: dict[str, float] = field(
+        default_factory=lambda: {"decode_wait": 0.0, "purify": 0.0, "write": 0.0})
+
+    @property
+    def images_per_second(self) -> float:
+        """Images handled by this invocation (resumed ones excluded) per second."""
+        done = self.ok + self.failed - self.resumed
+        return done / self.seconds if self.seconds > 0 else 0.0
+
+
+def path_identity(rel: str) -> int:
+    """A 32-bit identity for an image from its relative path (keys its noise)."""
+    return int.from_bytes(hashlib.sha256(rel.encode()).digest()[:4], "little")
+
+
+def output_name(rel: Path) -> Path:
+    return rel.with_suffix(".png")
+
+
+def _check_folders(job: FolderJob) -> None:
+    inp, out = job.input_dir.resolve(), job.output_dir.resolve()
+    if not inp.exists():
+        raise UserError(f"input folder {job.input_dir} does not exist")
+    if not inp.is_dir():
+        raise UserError(f"input {job.input_dir} is not a folder")
+    if out == inp or inp in out.parents:
+        raise UserError(f"output folder {job.output_dir} is inside the input folder "
+                        f"{job.input_dir}; choose an output outside it")
+
+
+def _load_classifier(job: FolderJob, device: torch.device):
+    spec = job.classifier
+    if spec is not None and str(spec).lower() == "none":
+        return None
+    if spec is None:
+        # The bundled model (or a checkpoint folder) may carry a classifier beside the DAE.
+        base = BUNDLED_DIR / str(job.model)
+        folder = base if base.is_dir() else Path(job.model)
+        if not (folder.is_dir() and (folder / "classifier.json").is_file()):
+            return None
+        spec = folder
+    ckpt = load_checkpoint(spec, "classifier")
+    return ckpt.model.to(device), ckpt.meta.get("labels"), ckpt.weights_sha256
+
+
+def _run_identity(job: FolderJob, purifier: Purifier, clf_sha: str | None) -> dict[str, Any]:
+    ck = purifier.checkpoint
+    return {"engine": __version__, "dae_sha256": ck.weights_sha256 if ck else None,
+            "mu": purifier.mu, "sigma": purifier.sigma, "classifier_sha256": clf_sha,
+            "config": job.config.to_dict(), "input_shape": list(purifier.input_shape or [])}
+
+
+def _prepare_output(job: FolderJob, identity: dict[str, Any]) -> dict[str, dict]:
+    """Create or validate the output folder; return manifest records that can be kept."""
+    out = job.output_dir
+    run_file, manifest = out / RUN_FILE, out / MANIFEST
+    if out.exists() and any(out.iterdir()):
+        previous = None
+        if run_file.is_file():
+            try:
+                previous = json.loads(run_file.read_text())
+            except (OSError, ValueError):
+                previous = None
+        same = previous is not None and {k: v for k, v in previous.items() if k != "input"} == {
+            k: v for k, v in identity.items() if k != "input"}
+        if not same and not job.overwrite:
+            what = "results of a run with different settings or models" if previous else \
+                "files not written by apudae-engine"
+            raise UserError(f"output folder {out} already holds {what}; pass --overwrite to "
+                            "replace them or choose another --output")
+        if not same:
+            manifest.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(run_file, (json.dumps(identity, indent=2) + "\n").encode())
+    records: dict[str, dict] = {}
+    if manifest.is_file():
+        with open(manifest) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                    records[rec["path"]] = rec
+                except (ValueError, KeyError, TypeError):
+                    continue  # a line cut by a kill; the image is simply redone
+    return {p: r for p, r in records.items()
+            if r.get("status") == "ok" and (out / r["output"]).is_file()}
+
+
+def _decode_batch(pool: ThreadPoolExecutor, paths: list[Path], job: FolderJob,
+                  shape: tuple[int, int, int]) -> list[Future]:
+    c, h, w = shape
+    return [pool.submit(load_image, p, c, (h, w), job.max_pixels) for p in paths]
+
+
+def _batched(items: list, n: int) -> Iterator[list]:
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+def purify_folder(job: FolderJob) -> Summary:
+    """Purify every image under ``job.input_dir`` into ``job.output_dir``; see module doc."""
+    _check_folders(job)
+    files = list(discover_images(job.input_dir))
+    if not files:
+        raise UserError(f"no images (png, jpg, jpeg, bmp, tif, tiff, webp) under {job.input_dir}")
+    device = resolve_device(job.device)
+    if job.backend != "reference":
+        from .backends import check_backend
+
+        check_backend(job.backend, device)
+    purifier = Purifier.from_pretrained(job.model, job.config, device)
+    if purifier.input_shape is None:
+        raise UserError(f"{job.model}: checkpoint has no input shape")
+    clf, labels, clf_sha = _load_classifier(job, device) or (None, None, None)
+    identity = _run_identity(job, purifier, clf_sha)
+    identity["input"] = str(job.input_dir.resolve())
+    done = _prepare_output(job, identity)
+
+    rels = [f.relative_to(job.input_dir) for f in files]
+    todo = [(f, r) for f, r in zip(files, rels) if str(r) not in done]
+    summary = Summary(total=len(files), resumed=len(files) - len(todo))
+    summary.ok = summary.resumed
+    summary.flagged = sum(1 for r in done.values() if r.get("flagged"))
+    if summary.resumed:
+        log.info("resuming: %d of %d images already done in %s", summary.resumed, len(files),
+                 job.output_dir)
+    log.info("purifying %d images from %s with %s (%s, %d steps) on %s", len(todo),
+             job.input_dir, job.model, job.config.method, job.config.steps, device)
+    preview: list[tuple[np.ndarray, np.ndarray]] = []
+    t_start = time.perf_counter()
+    bar = progress(total=len(files), initial=summary.resumed, desc="purify", unit="img")
+    with ThreadPoolExecutor(job.workers) as pool, open(job.output_dir / MANIFEST, "a") as mf:
+        batches = list(_batched(todo, job.batch_size))
+        pending = _decode_batch(pool, [f for f, _ in batches[0]], job, purifier.input_shape) \
+            if batches else []
+        for bi, batch in enumerate(batches):
+            t0 = time.perf_counter()
+            decoded = []
+            for fut in pending:
+                try:
+                    decoded.append(fut.result())
+                except ImageError as exc:
+                    decoded.append(exc)
+            summary.stage_seconds["decode_wait"] += time.perf_counter() - t0
+            if bi + 1 < len(batches):  # decode the next batch while this one is purified
+                pending = _decode_batch(pool, [f for f, _ in batches[bi + 1]], job,
+                                        purifier.input_shape)
+            records = _process_batch(batch, decoded, purifier, clf, labels, device, job, pool,
+                                     summary, preview)
+            for rec in records:
+                mf.write(json.dumps(rec) + "\n")
+            mf.flush()
+            os.fsync(mf.fileno())
+            bar.update(len(batch))
+            summary.seconds = time.perf_counter() - t_start
+            bar.set_postfix(ok=summary.ok, failed=summary.failed,
+                            ips=f"{summary.images_per_second:.0f}/s")
+    bar.close()
+    summary.seconds = time.perf_counter() - t_start
+    _finish(job, summary, preview)
+    return summary
+
+
+@torch.no_grad()
+def _process_batch(batch, decoded, purifier: Purifier, clf, labels, device, job: FolderJob,
+                   pool: ThreadPoolExecutor, summary: Summary, preview: list) -> list[dict]:
+    records: list[dict] = []
+    good = []
+    for (path, rel), item in zip(batch, decoded):
+        if isinstance(item, ImageError):
+            log.error("%s", item)
+            summary.failed += 1
+            records.append({"path": str(rel), "status": "error", "error": str(item)})
+        else:
+            good.append((rel, item))
+    if not good:
+        return records
+    t0 = time.perf_counter()
+    x = torch.from_numpy(np.stack([a for _, a in good])).to(device).float().div_(255.0)
+    ids = torch.tensor([path_identity(str(r)) for r, _ in good], dtype=torch.int64, device=device)
+    result = purifier.purify(x, ids)
+    out = result.images
+    r_after = purifier.reconstruction_error(out)
+    pred_before = pred_after = None
+    if clf is not None:
+        pred_before = clf(x).argmax(1).tolist()
+        pred_after = clf(out).argmax(1).tolist()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    summary.stage_seconds["purify"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    arrays = to_uint8(out)
+    writes = [pool.submit(write_atomic, job.output_dir / output_name(rel), encode_png(a))
+              for (rel, _), a in zip(good, arrays)]
+    for w in writes:
+        w.result()
+    summary.stage_seconds["write"] += time.perf_counter() - t0
+    threshold = purifier.flag_threshold()
+    r_before = result.error_before.tolist()
+    for i, (rel, arr) in enumerate(good):
+        flagged = threshold is not None and r_before[i] > threshold
+        rec = {"path": str(rel), "status": "ok", "output": str(output_name(rel)),
+               "r_before": round(r_before[i], 6), "r_after": round(float(r_after[i]), 6),
+               "flagged": bool(flagged), "active_steps": int(result.active_steps[i]),
+               "steps": job.config.steps}
+        if pred_before is not None:
+            rec["label_before"], rec["label_after"] = pred_before[i], pred_after[i]
+            if labels:
+                rec["class_before"] = labels[pred_before[i]]
+                rec["class_after"] = labels[pred_after[i]]
+        records.append(rec)
+        summary.ok += 1
+        summary.flagged += int(flagged)
+        if len(preview) < job.preview:
+            preview.append((arr, arrays[i]))
+    return records
+
+
+def _finish(job: FolderJob, summary: Summary, preview: list) -> None:
+    out = job.output_dir
+    records: dict[str, dict] = {}
+    with open(out / MANIFEST) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+                records[rec["path"]] = rec
+            except (ValueError, KeyError, TypeError):
+                continue
+    body = "".join(json.dumps(records[k]) + "\n" for k in sorted(records))
+    write_atomic(out / MANIFEST, body.encode())
+    doc = {"total": summary.total, "ok": summary.ok, "failed": summary.failed,
+           "resumed": summary.resumed, "flagged": summary.flagged,
+           "seconds": round(summary.seconds, 3),
+           "images_per_second": round(summary.images_per_second, 1),
+           "stage_seconds": {k: round(v, 3) for k, v in summary.stage_seconds.items()}}
+    write_atomic(out / SUMMARY, (json.dumps(doc, indent=2) + "\n").encode())
+    if preview:
+        from .preview import write_preview
+
+        write_preview(out / PREVIEW, preview)
+    log.info("done: %d ok (%d resumed), %d failed, %d flagged as likely adversarial; %.1f img/s; "
+             "manifest %s", summary.ok, summary.resumed, summary.failed, summary.flagged,
+             summary.images_per_second, out / MANIFEST)
+    if summary.failed:
+        log.warning("%d images could not be read; see the error records in %s", summary.failed,
+                    out / MANIFEST)

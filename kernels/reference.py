@@ -1,0 +1,144 @@
+"""PyTorch references for the per-step work of adaptive purification.
+
+Each function here is the specification of one Triton kernel in this package and shares its
+signature (``adam_step_ref`` <-> ``adam_step.adam_step_triton`` and so on). They are written
+without in-place updates so that autograd can differentiate through them: the reference
+purifier in ``apudae_engine`` uses them directly, and attacks differentiate through it.
+
+Noise is counter-based: the value for (seed, image id, step, element index) is a fixed integer
+hash, so it does not depend on batch size, batch composition or device, and the Triton kernel
+reproduces it bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+_GOLDEN = 0x9E3779B9
+_MIX_C1 = 0x7FEB352D
+_MIX_C2 = 0x846CA68B
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for int64 x in [0, 2**32), without int64 overflow."""
+    lo = x & 0xFFFF
+    hi = x >> 16
+    return (lo * c + (((hi * c) & 0xFFFF) << 16)) & MASK32
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finaliser (lowbias32) on int64 tensors holding values in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, _MIX_C1)
+    x = x ^ (x >> 15)
+    x = _mul32(x, _MIX_C2)
+    return x ^ (x >> 16)
+
+
+def noise_keys(seed: int, image_ids: torch.Tensor, step: int) -> torch.Tensor:
+    """Per-image 32-bit keys for one step: shape (N,) int64 in [0, 2**32)."""
+    ids = image_ids.to(torch.int64) & MASK32
+    k = mix32(torch.full_like(ids, (int(seed) & MASK32) ^ _GOLDEN))
+    k = mix32(k ^ ids)
+    return mix32((k + int(step)) & MASK32)
+
+
+def uniform_noise_ref(
+    seed: int, image_ids: torch.Tensor, step: int, numel: int, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Uniform noise in [-1, 1) for each image: shape (N, numel).
+
+    Element j of image i is ``2 * (h >> 8) / 2**24 - 1`` with
+    ``h = mix32(mix32(key(seed, id_i, step) ^ j))``; 24 bits make the float32 value exact.
+    """
+    keys = noise_keys(seed, image_ids, step).unsqueeze(1)
+    idx = torch.arange(numel, device=image_ids.device, dtype=torch.int64).unsqueeze(0)
+    h = mix32(mix32(keys ^ idx))
+    u = (h >> 8).to(torch.float32) * (1.0 / 16777216.0)
+    return (2.0 * u - 1.0).to(dtype)
+
+
+def squared_error_ref(y: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+    """Per-image sum of squared differences: y, recon (N, ...) -> (N,) float32."""
+    d = (y - recon).float().flatten(1)
+    return (d * d).sum(dim=1)
+
+
+def hinge_weight_ref(r: torch.Tensor, mu: float, sigma: float) -> torch.Tensor:
+    """dL/dr for L = sum max(0, r - mu)^2 / sigma^2: (N,) -> (N,)."""
+    return 2.0 * torch.clamp(r - mu, min=0.0) / (sigma * sigma)
+
+
+def noise_amplitude_ref(
+    r: torch.Tensor, mu: float, sigma: float, eps_n: float, max_scale: float
+) -> torch.Tensor:
+    """Per-image noise level eps_n * clip(((r - mu) / (2 sigma))^2, 0, max_scale): (N,)."""
+    z = (r - mu) / (2.0 * sigma)
+    return eps_n * torch.clamp(z * z, 0.0, max_scale)
+
+
+def adam_step_ref(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One Adam update, numerically as ``torch.optim.Adam`` (step counts from 1).
+
+    Returns new (param, exp_avg, exp_avg_sq); inputs are not modified.
+    """
+    exp_avg = exp_avg * beta1 + grad * (1.0 - beta1)
+    exp_avg_sq = exp_avg_sq * beta2 + grad * grad * (1.0 - beta2)
+    bias1 = 1.0 - beta1**step
+    bias2 = 1.0 - beta2**step
+    denom = exp_avg_sq.sqrt() / (bias2**0.5) + eps
+    param = param - (lr / bias1) * (exp_avg / denom)
+    return param, exp_avg, exp_avg_sq
+
+
+def adaptive_update_ref(
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    grad_r: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    r: torch.Tensor,
+    image_ids: torch.Tensor,
+    seed: int,
+    step: int,
+    mu: float,
+    sigma: float,
+    eps_n: float,
+    max_scale: float,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    noise: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One whole adaptive step after the DAE pass, on flat (N, D) tensors.
+
+    ``grad_r`` is dr/dy at y = x + delta and ``r`` the per-image error there. Adds the step's
+    noise to x, takes the Adam step on delta with the hinge gradient, and returns
+    (x, delta, exp_avg, exp_avg_sq). ``step`` counts from 1 and keys the noise as well.
+    """
+    if noise:
+        amp = noise_amplitude_ref(r, mu, sigma, eps_n, max_scale).to(x.dtype)
+        u = uniform_noise_ref(seed, image_ids, step, x.shape[1], x.dtype)
+        x = x + amp.unsqueeze(1) * u
+    grad = hinge_weight_ref(r, mu, sigma).to(grad_r.dtype).unsqueeze(1) * grad_r
+    delta, exp_avg, exp_avg_sq = adam_step_ref(
+        delta, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps
+    )
+    return x, delta, exp_avg, exp_avg_sq
+
+
+def clip_output_ref(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """The purified image clamp(x + delta, 0, 1)."""
+    return torch.clamp(x + delta, 0.0, 1.0)
