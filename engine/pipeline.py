@@ -156,6 +156,7 @@ def _prepare_output(job: FolderJob, identity: dict[str, Any]) -> dict[str, dict]
     write_atomic(run_file, (json.dumps(identity, indent=2) + "\n").encode())
     records: dict[str, dict] = {}
     if manifest.is_file():
+        _drop_torn_tail(manifest)
         with open(manifest) as f:
             for line in f:
                 try:
@@ -165,6 +166,14 @@ def _prepare_output(job: FolderJob, identity: dict[str, Any]) -> dict[str, dict]
                     continue  # a line cut by a kill; the image is simply redone
     return {p: r for p, r in records.items()
             if r.get("status") == "ok" and (out / r["output"]).is_file()}
+
+
+def _drop_torn_tail(manifest: Path) -> None:
+    """Cut a last line that a kill left without its newline, so appends start on a fresh line."""
+    data = manifest.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(manifest, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
 
 
 def _decode_batch(pool: ThreadPoolExecutor, paths: list[Path], job: FolderJob,
@@ -247,7 +256,7 @@ def _process_batch(batch, decoded, purifier: Purifier, clf, labels, device, job:
                    pool: ThreadPoolExecutor, summary: Summary, preview: list) -> list[dict]:
     records: list[dict] = []
     good = []
-    for (path, rel), item in zip(batch, decoded):
+    for (_path, rel), item in zip(batch, decoded):
         if isinstance(item, ImageError):
             log.error("%s", item)
             summary.failed += 1

@@ -1,0 +1,196 @@
+"""The whole per-step update of adaptive purification as one Triton kernel.
+
+After the DAE pass gives r and dr/dy, one launch and one pass over memory: per image, the noise
+amplitude and hinge weight from r; per element, the counter-based noise added to x and the Adam
+step on delta. Matches ``reference.adaptive_update_ref``.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._triton_utils import (
+    LAUNCH_OPTIONS,
+    block_size,
+    cast_to,
+    check_device,
+    check_float_dtype,
+    check_no_grad,
+    image_noise_key,
+    noise_key_base,
+    prepare,
+    uniform_from_key,
+)
+from .adam_step import adam_math, adam_scalars
+
+
+@triton.jit(do_not_specialize=["key_base", "step"])
+def _adaptive_update_kernel(
+    x_ptr,
+    delta_ptr,
+    grad_r_ptr,
+    m_ptr,
+    v_ptr,
+    r_ptr,
+    ids_ptr,
+    x_out,
+    delta_out,
+    m_out,
+    v_out,
+    d,
+    key_base,
+    step,
+    mu,
+    two_sigma,
+    sigma_sq,
+    eps_n,
+    max_scale,
+    beta1,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    bias2_sqrt,
+    step_size,
+    eps,
+    NOISE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0)
+    col = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = col < d
+    offs = row.to(tl.int64) * d + col
+
+    # Per-image scalars, recomputed by each program of the row: cheaper than a second launch.
+    r = tl.load(r_ptr + row).to(tl.float32)
+    excess = r - mu
+    hinge = tl.div_rn(2.0 * tl.maximum(excess, 0.0), sigma_sq)
+
+    if NOISE:
+        z = tl.div_rn(excess, two_sigma)
+        amp = eps_n * tl.minimum(tl.maximum(z * z, 0.0), max_scale)
+        key = image_noise_key(ids_ptr, row, key_base, step)
+        u = uniform_from_key(key, col)
+        x = tl.load(x_ptr + offs, mask=mask).to(tl.float32)
+        tl.store(x_out + offs, cast_to(x + amp * u, x_out.dtype.element_ty), mask=mask)
+
+    g = hinge * tl.load(grad_r_ptr + offs, mask=mask).to(tl.float32)
+    p = tl.load(delta_ptr + offs, mask=mask).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
+    p, m, v = adam_math(
+        p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, bias2_sqrt, step_size, eps
+    )
+    tl.store(delta_out + offs, cast_to(p, delta_out.dtype.element_ty), mask=mask)
+    tl.store(m_out + offs, cast_to(m, m_out.dtype.element_ty), mask=mask)
+    tl.store(v_out + offs, cast_to(v, v_out.dtype.element_ty), mask=mask)
+
+
+def adaptive_update_triton(
+    x: torch.Tensor,
+    delta: torch.Tensor,
+    grad_r: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    r: torch.Tensor,
+    image_ids: torch.Tensor,
+    seed: int,
+    step: int,
+    mu: float,
+    sigma: float,
+    eps_n: float,
+    max_scale: float,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    noise: bool = True,
+    *,
+    inplace: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One whole adaptive step after the DAE pass, in one kernel launch.
+
+    x, delta, grad_r, exp_avg, exp_avg_sq: (N, D) (or (N, ...), flattened per image; the noise
+    index is the flat element index); r (N,) the per-image error at y = x + delta and grad_r
+    its gradient dr/dy there; image_ids (N,) integers keying the noise with (seed, step).
+    Each tensor keeps its dtype; the math runs in float32. ``step`` counts from 1.
+
+    Returns (x, delta, exp_avg, exp_avg_sq): new tensors, or with ``inplace=True`` the inputs
+    written in place (they must then be contiguous). With ``noise=False`` x is returned as is.
+
+    Example:
+        >>> x, delta, m, v = adaptive_update_triton(x, delta, grad_r, m, v, r, ids, seed=0,
+        ...     step=1, mu=2.856, sigma=0.923, eps_n=0.7 / 255, max_scale=4.0, lr=2 / 255,
+        ...     beta1=0.9, beta2=0.999, eps=1e-8)
+    """
+    big = [x, delta, grad_r, exp_avg, exp_avg_sq]
+    big_names = ["x", "delta", "grad_r", "exp_avg", "exp_avg_sq"]
+    if x.dim() < 1:
+        raise ValueError("x must have shape (N, D).")
+    for t, name in zip(big, big_names, strict=True):
+        if t.shape != x.shape:
+            raise ValueError(
+                f"{name} must have the shape of x {tuple(x.shape)}; got {tuple(t.shape)}."
+            )
+        check_float_dtype(t, name)
+    n = x.shape[0]
+    for t, name in ((r, "r"), (image_ids, "image_ids")):
+        if t.shape != (n,):
+            raise ValueError(f"{name} must have shape (N,) = ({n},); got {tuple(t.shape)}.")
+    check_float_dtype(r, "r")
+    if image_ids.dtype.is_floating_point or image_ids.dtype.is_complex:
+        raise ValueError(f"image_ids must be an integer tensor; got {image_ids.dtype}.")
+    if sigma <= 0:
+        raise ValueError(f"sigma must be positive; got {sigma}.")
+    check_device(_adaptive_update_kernel, [*big, r, image_ids], [*big_names, "r", "image_ids"])
+    check_no_grad([*big, r], "adaptive_update_triton")
+    scalars = adam_scalars(step, lr, beta1, beta2, eps)
+
+    if noise:  # without noise x is neither read nor written
+        x = prepare(x, "x", inplace)
+    delta, exp_avg, exp_avg_sq = (
+        prepare(t, name, inplace)
+        for t, name in zip(
+            [delta, exp_avg, exp_avg_sq], ["delta", "exp_avg", "exp_avg_sq"], strict=True
+        )
+    )
+    grad_r, r = grad_r.contiguous(), r.contiguous()
+    ids = image_ids.to(torch.int64).contiguous()
+    if inplace:
+        outs = (x, delta, exp_avg, exp_avg_sq)
+    else:
+        x_new = torch.empty_like(x) if noise else x
+        outs = (
+            x_new,
+            torch.empty_like(delta),
+            torch.empty_like(exp_avg),
+            torch.empty_like(exp_avg_sq),
+        )
+    d = x[0].numel() if n else 0
+    if n == 0 or d == 0:
+        return outs
+    block = block_size(d)
+    _adaptive_update_kernel[(n, triton.cdiv(d, block))](
+        x,
+        delta,
+        grad_r,
+        exp_avg,
+        exp_avg_sq,
+        r,
+        ids,
+        *outs,
+        d,
+        noise_key_base(seed),
+        int(step) & 0xFFFFFFFF,
+        float(mu),
+        2.0 * sigma,
+        sigma * sigma,
+        float(eps_n),
+        float(max_scale),
+        **scalars,
+        NOISE=bool(noise),
+        BLOCK=block,
+        **LAUNCH_OPTIONS,
+    )
+    return outs
