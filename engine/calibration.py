@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,7 @@ def calibrate(dae_path: str | Path, dataset: str = "fashion-mnist", limit: int |
         "mu": float(r.mean()), "sigma": float(r.std(unbiased=True)), "n": len(data),
         "data": data.source, "error": "per-image sum of squared error, images in [0, 1]",
         "quantiles": {q: float(torch.quantile(r, float(q))) for q in ("0.5", "0.95", "0.99")},
+        "command": " ".join(shlex.quote(a) for a in ["apudae-engine", *sys.argv[1:]]),
     }
     if not math.isfinite(stats["mu"]) or not stats["sigma"] > 0:
         raise UserError(f"calibration gave mu={stats['mu']}, sigma={stats['sigma']}; the DAE "
