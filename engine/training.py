@@ -11,6 +11,8 @@ import math
 import shlex
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -54,11 +56,23 @@ def _batches(n: int, batch: int, gen: torch.Generator):
         yield perm[i:i + batch]
 
 
-def _add_file_log(stem: Path) -> logging.Handler:
+@contextmanager
+def _file_log(stem: Path) -> Iterator[None]:
+    """Copy the package's INFO log lines to ``<stem>.log`` (the training log beside the weights)."""
     handler = logging.FileHandler(stem.with_suffix(".log"), mode="w")
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
-    logging.getLogger("apudae_engine").addHandler(handler)
-    return handler
+    handler.setLevel(logging.INFO)
+    pkg = logging.getLogger("apudae_engine")
+    old_level = pkg.level
+    if pkg.getEffectiveLevel() > logging.INFO:
+        pkg.setLevel(logging.INFO)
+    pkg.addHandler(handler)
+    try:
+        yield
+    finally:
+        pkg.removeHandler(handler)
+        pkg.setLevel(old_level)
+        handler.close()
 
 
 @torch.no_grad()
@@ -85,8 +99,7 @@ def train_dae(config: TrainConfig, out_stem: str | Path, layers: int = 4, width:
     """
     out_stem = Path(out_stem)
     out_stem.parent.mkdir(parents=True, exist_ok=True)
-    handler = _add_file_log(out_stem)
-    try:
+    with _file_log(out_stem):
         torch.manual_seed(config.seed)
         train = load_dataset(config.dataset, "train", config.data_dir).subset(config.limit)
         held = load_dataset(config.dataset, "calib", config.data_dir).subset(2000)
@@ -126,9 +139,6 @@ def train_dae(config: TrainConfig, out_stem: str | Path, layers: int = 4, width:
         save_checkpoint(model, out_stem, CheckpointMeta("dae", (c, h, w), training=training))
         log.info("saved %s.json (calibrate it before adaptive purification)", out_stem)
         return metrics
-    finally:
-        logging.getLogger("apudae_engine").removeHandler(handler)
-        handler.close()
 
 
 @torch.no_grad()
@@ -150,8 +160,7 @@ def train_classifier(config: TrainConfig, out_stem: str | Path, arch: str = "sma
     """
     out_stem = Path(out_stem)
     out_stem.parent.mkdir(parents=True, exist_ok=True)
-    handler = _add_file_log(out_stem)
-    try:
+    with _file_log(out_stem):
         torch.manual_seed(config.seed)
         train = load_dataset(config.dataset, "train", config.data_dir).subset(config.limit)
         held = load_dataset(config.dataset, "calib", config.data_dir)
@@ -202,6 +211,3 @@ def train_classifier(config: TrainConfig, out_stem: str | Path, arch: str = "sma
         save_checkpoint(model, out_stem, CheckpointMeta("classifier", (c, h, w), training=training,
                                                          labels=list(train.classes)))
         return metrics
-    finally:
-        logging.getLogger("apudae_engine").removeHandler(handler)
-        handler.close()
