@@ -33,8 +33,12 @@ def _add_purify_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--flag-k", type=float, default=3.0, help="flag an image when its error "
                    "exceeds mu + k*sigma (default 3)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    g.add_argument("--backend", default="reference", help="reference (default) or another "
-                   "installed backend; see `apudae-engine verify`")
+    g.add_argument("--backend", default="reference", choices=("reference", "compiled",
+                   "tensorrt", "auto"), help="reference (default, eager autograd), compiled "
+                   "(torch.compile), tensorrt (CUDA) or auto; see `apudae-engine verify`")
+    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="convolution precision of the compiled/tensorrt backends (default fp32; "
+                   "bf16/fp16 are checked against fp32 on the first batch)")
 
 
 def _purify_config(a: argparse.Namespace):
@@ -50,7 +54,8 @@ def _cmd_purify(a: argparse.Namespace) -> int:
 
     job = FolderJob(input_dir=a.input, output_dir=a.output, batch_size=a.batch, model=a.model,
                     classifier=a.classifier, config=_purify_config(a), device=a.device,
-                    backend=a.backend, overwrite=a.overwrite, preview=a.preview,
+                    backend=a.backend, precision=a.precision, verify_every=a.verify_every,
+                    overwrite=a.overwrite, preview=a.preview,
                     max_pixels=a.max_pixels, workers=a.workers)
     summary = purify_folder(job)
     return 0 if summary.failed == 0 else 1
@@ -128,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=64_000_000, help="refuse images larger than "
                    "this (decompression bombs)")
     p.add_argument("--workers", type=int, default=2, help="decode/encode threads")
+    p.add_argument("--verify-every", type=int, default=0, metavar="N", help="rerun the "
+                   "reference on every N-th batch and log the max pixel difference (0: never)")
     _add_purify_options(p)
     p.set_defaults(func=_cmd_purify)
 

@@ -2,4 +2,6 @@
 
 from __future__ import annotations
 
-REGISTER: list = []
+from . import cli_backends
+
+REGISTER: list = [*cli_backends.REGISTER]

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ._version import __version__
+from .backends import SpotCheck, check_backend
 from .checkpoint import BUNDLED_DIR, load_checkpoint
 from .config import PurifyConfig
 from .errors import UserError
@@ -54,6 +55,8 @@ class FolderJob:
     config: PurifyConfig = field(default_factory=PurifyConfig)
     device: str = "auto"
     backend: str = "reference"
+    precision: str = "fp32"
+    verify_every: int = 0  # rerun the reference on every N-th batch (0: never)
     overwrite: bool = False
     preview: int = 0
     max_pixels: int = 64_000_000
@@ -70,6 +73,8 @@ class FolderJob:
             raise UserError(f"--workers must be at least 1, got {self.workers}")
         if self.preview < 0:
             raise UserError("--preview must be non-negative")
+        if self.verify_every < 0:
+            raise UserError(f"--verify-every must be non-negative, got {self.verify_every}")
 
 
 @dataclass
@@ -80,6 +85,7 @@ class Summary:
     resumed: int = 0
     flagged: int = 0
     seconds: float = 0.0
+    verify: list[dict] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(
         default_factory=lambda: {"decode_wait": 0.0, "purify": 0.0, "write": 0.0})
 
@@ -129,7 +135,8 @@ def _run_identity(job: FolderJob, purifier: Purifier, clf_sha: str | None) -> di
     ck = purifier.checkpoint
     return {"engine": __version__, "dae_sha256": ck.weights_sha256 if ck else None,
             "mu": purifier.mu, "sigma": purifier.sigma, "classifier_sha256": clf_sha,
-            "config": job.config.to_dict(), "input_shape": list(purifier.input_shape or [])}
+            "config": job.config.to_dict(), "input_shape": list(purifier.input_shape or []),
+            "precision": job.precision}
 
 
 def _prepare_output(job: FolderJob, identity: dict[str, Any]) -> dict[str, dict]:
@@ -194,11 +201,10 @@ def purify_folder(job: FolderJob) -> Summary:
     if not files:
         raise UserError(f"no images (png, jpg, jpeg, bmp, tif, tiff, webp) under {job.input_dir}")
     device = resolve_device(job.device)
-    if job.backend != "reference":
-        from .backends import check_backend
-
-        check_backend(job.backend, device)
-    purifier = Purifier.from_pretrained(job.model, job.config, device)
+    check_backend(job.backend, device, job.precision)  # an unusable choice fails before any work
+    purifier = Purifier.from_pretrained(job.model, job.config, device, backend=job.backend,
+                                        precision=job.precision)
+    spot_check = SpotCheck(every=job.verify_every)
     if purifier.input_shape is None:
         raise UserError(f"{job.model}: checkpoint has no input shape")
     clf, labels, clf_sha = _load_classifier(job, device) or (None, None, None)
@@ -236,7 +242,7 @@ def purify_folder(job: FolderJob) -> Summary:
                 pending = _decode_batch(pool, [f for f, _ in batches[bi + 1]], job,
                                         purifier.input_shape)
             records = _process_batch(batch, decoded, purifier, clf, labels, device, job, pool,
-                                     summary, preview)
+                                     summary, preview, spot_check, bi)
             for rec in records:
                 mf.write(json.dumps(rec) + "\n")
             mf.flush()
@@ -247,13 +253,15 @@ def purify_folder(job: FolderJob) -> Summary:
                             ips=f"{summary.images_per_second:.0f}/s")
     bar.close()
     summary.seconds = time.perf_counter() - t_start
+    summary.verify = spot_check.records
     _finish(job, summary, preview)
     return summary
 
 
 @torch.no_grad()
 def _process_batch(batch, decoded, purifier: Purifier, clf, labels, device, job: FolderJob,
-                   pool: ThreadPoolExecutor, summary: Summary, preview: list) -> list[dict]:
+                   pool: ThreadPoolExecutor, summary: Summary, preview: list, spot_check=None,
+                   batch_index: int = 0) -> list[dict]:
     records: list[dict] = []
     good = []
     for (_path, rel), item in zip(batch, decoded):
@@ -269,6 +277,8 @@ def _process_batch(batch, decoded, purifier: Purifier, clf, labels, device, job:
     x = torch.from_numpy(np.stack([a for _, a in good])).to(device).float().div_(255.0)
     ids = torch.tensor([path_identity(str(r)) for r, _ in good], dtype=torch.int64, device=device)
     result = purifier.purify(x, ids)
+    if spot_check is not None:
+        spot_check(batch_index, purifier, x, ids, result)
     out = result.images
     r_after = purifier.reconstruction_error(out)
     pred_before = pred_after = None
@@ -323,6 +333,10 @@ def _finish(job: FolderJob, summary: Summary, preview: list) -> None:
            "seconds": round(summary.seconds, 3),
            "images_per_second": round(summary.images_per_second, 1),
            "stage_seconds": {k: round(v, 3) for k, v in summary.stage_seconds.items()}}
+    if summary.verify:
+        doc["verify"] = {"batches": len(summary.verify),
+                         "max_abs_diff": max(r["max_abs_diff"] for r in summary.verify),
+                         "records": summary.verify}
     write_atomic(out / SUMMARY, (json.dumps(doc, indent=2) + "\n").encode())
     if preview:
         from .preview import write_preview

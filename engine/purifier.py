@@ -44,8 +44,10 @@ class Purifier(nn.Module):
     """
 
     def __init__(self, dae: nn.Module, mu: float | None, sigma: float | None,
-                 config: PurifyConfig | None = None, checkpoint: Checkpoint | None = None) -> None:
+                 config: PurifyConfig | None = None, checkpoint: Checkpoint | None = None,
+                 backend: str = "reference", precision: str = "fp32") -> None:
         super().__init__()
+        self.backend, self.precision = backend, precision  # see apudae_engine.backends
         self.dae = dae.eval()
         for p in self.dae.parameters():
             p.requires_grad_(False)
@@ -60,11 +62,13 @@ class Purifier(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path = "fmnist",
                         config: PurifyConfig | None = None,
-                        device: str | torch.device | None = "cpu") -> Purifier:
+                        device: str | torch.device | None = "cpu",
+                        backend: str = "reference", precision: str = "fp32") -> Purifier:
         """Load a bundled model by name (``fmnist``) or a DAE checkpoint by path."""
         ckpt = load_checkpoint(name_or_path, "dae")
         cal = ckpt.calibration or {}
-        module = cls(ckpt.model, cal.get("mu"), cal.get("sigma"), config, checkpoint=ckpt)
+        module = cls(ckpt.model, cal.get("mu"), cal.get("sigma"), config, checkpoint=ckpt,
+                     backend=backend, precision=precision)
         return module.to(resolve_device(device))
 
     @property
@@ -92,6 +96,11 @@ class Purifier(nn.Module):
         self._check_input(x)
         if differentiable:
             return purify(self.dae, x, self.config, self.mu, self.sigma, image_ids, True)
+        if self.backend != "reference" or self.precision != "fp32":
+            from .backends import get_backend
+
+            return get_backend(self.backend, x.device, self.precision).purify(
+                self.dae, x, self.mu, self.sigma, self.config, image_ids)
         with torch.no_grad():
             return purify(self.dae, x, self.config, self.mu, self.sigma, image_ids, False)
 

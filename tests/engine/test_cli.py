@@ -10,9 +10,9 @@ import sys
 
 import numpy as np
 import pytest
+from synthetic import make_digits
 
 from apudae_engine.cli import main
-from synthetic import make_digits
 
 
 def test_version_and_help_do_not_import_torch():

@@ -1,0 +1,94 @@
+"""Export of the step graph: torch.export with a dynamic batch, ONNX via onnxruntime, CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from apudae_engine.cli import main
+from apudae_engine.export import export_program, export_step, model_hash
+from apudae_engine.models import REDNet
+from apudae_engine.step_graph import autograd_step
+
+SHAPE = (1, 12, 12)
+
+
+@pytest.fixture(scope="module")
+def dae():
+    torch.manual_seed(0)
+    model = REDNet(1, layers=2, width=8).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def test_exported_program_takes_two_batch_sizes(dae):
+    program = export_program(dae, SHAPE).module()
+    for n in (1, 5):
+        y = torch.rand(n, *SHAPE)
+        with torch.no_grad():
+            r, g = program(y)
+        r_ref, g_ref = autograd_step(dae, y)
+        assert r.shape == (n,) and g.shape == (n, *SHAPE)
+        torch.testing.assert_close(r, r_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_export_step_writes_program_and_sidecar(dae, tmp_path):
+    paths = export_step(dae, SHAPE, tmp_path / "step", mu=1.5, sigma=0.5, max_batch=64,
+                        onnx=False, source={"checkpoint": "test"})
+    assert set(paths) == {"pt2", "json"}
+    doc = json.loads(paths["json"].read_text())
+    assert doc["model_sha256"] == model_hash(dae)
+    assert doc["calibration"] == {"mu": 1.5, "sigma": 0.5}
+    assert (doc["input"]["channels"], doc["input"]["height"], doc["input"]["width"]) == SHAPE
+    assert doc["batch"] == {"min": 1, "max": 64}
+    assert doc["files"] == {"pt2": "step.pt2"}
+    loaded = torch.export.load(paths["pt2"]).module()
+    y = torch.rand(3, *SHAPE)
+    with torch.no_grad():
+        r, _ = loaded(y)
+    torch.testing.assert_close(r, autograd_step(dae, y)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_model_hash_changes_with_the_weights(dae):
+    other = REDNet(1, layers=2, width=8).eval()
+    other.load_state_dict(dae.state_dict())
+    assert model_hash(other) == model_hash(dae)
+    with torch.no_grad():
+        other.head.bias.add_(1e-3)
+    assert model_hash(other) != model_hash(dae)
+
+
+def test_onnx_matches_torch_in_onnxruntime(dae, tmp_path):
+    ort = pytest.importorskip("onnxruntime", reason="install the 'onnx' extra")
+    pytest.importorskip("onnxscript", reason="install the 'onnx' extra")
+    paths = export_step(dae, SHAPE, tmp_path / "step", mu=1.0, sigma=1.0)
+    session = ort.InferenceSession(str(paths["onnx"]), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["images"]
+    assert [o.name for o in session.get_outputs()] == ["r", "grad"]
+    for n in (1, 7):
+        y = torch.rand(n, *SHAPE)
+        r, g = session.run(None, {"images": y.numpy()})
+        r_ref, g_ref = autograd_step(dae, y)
+        torch.testing.assert_close(torch.from_numpy(r), r_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(torch.from_numpy(g), g_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_export_command(tiny_model, tmp_path, capsys):
+    rc = main(["export", "--model", str(tiny_model), "--out", str(tmp_path / "x" / "step.pt2"),
+               "--no-onnx", "--max-batch", "16"])
+    assert rc == 0
+    doc = json.loads((tmp_path / "x" / "step.json").read_text())
+    assert doc["input"]["height"] == 28 and doc["calibration"]["mu"] > 0
+    assert doc["source"]["weights_sha256"]
+    assert (tmp_path / "x" / "step.pt2").is_file()
+    assert "pt2:" in capsys.readouterr().out
+
+
+def test_export_command_rejects_a_bad_batch_bound(tiny_model, tmp_path, capsys):
+    assert main(["export", "--model", str(tiny_model), "--out", str(tmp_path / "s"),
+                 "--max-batch", "0"]) == 2
+    assert "--max-batch" in capsys.readouterr().err
