@@ -42,6 +42,8 @@ def register_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, default=4096, help="largest batch the graph takes")
     p.add_argument("--no-onnx", action="store_true", help="write the .pt2 program only")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
+    p.add_argument("--aoti", action="store_true", help="also compile OUT.aoti.pt2, an "
+                   "AOTInductor package for the C++ runner (needs a C++ compiler; ~1 min)")
     p.set_defaults(func=_cmd_export)
 
 
@@ -58,6 +60,11 @@ def _cmd_export(a: argparse.Namespace) -> int:
     paths = export_step(ck.model, ck.input_shape, stem, mu=mu, sigma=sigma,
                         max_batch=a.max_batch, onnx=not a.no_onnx, opset=a.opset,
                         source={"checkpoint": str(ck.path), "weights_sha256": ck.weights_sha256})
+    if a.aoti:
+        from .aoti import package_step
+
+        paths["aoti"] = package_step(ck.model, ck.input_shape, stem.with_suffix(".aoti.pt2"),
+                                     a.max_batch)
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0
