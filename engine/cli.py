@@ -56,7 +56,7 @@ def _cmd_purify(a: argparse.Namespace) -> int:
                     classifier=a.classifier, config=_purify_config(a), device=a.device,
                     backend=a.backend, precision=a.precision, verify_every=a.verify_every,
                     overwrite=a.overwrite, preview=a.preview,
-                    max_pixels=a.max_pixels, workers=a.workers)
+                    max_pixels=a.max_pixels, workers=a.workers, loader=a.loader)
     summary = purify_folder(job)
     return 0 if summary.failed == 0 else 1
 
@@ -133,6 +133,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=64_000_000, help="refuse images larger than "
                    "this (decompression bombs)")
     p.add_argument("--workers", type=int, default=2, help="decode/encode threads")
+    p.add_argument("--loader", default="auto", choices=["auto", "cpu", "dali", "nvjpeg"],
+                   help="image decoder: cpu (Pillow threads), dali (pip install "
+                   "'apudae-engine[dali]'), nvjpeg (torchvision on a GPU); auto (default) takes "
+                   "dali, then nvjpeg, on a GPU and cpu otherwise")
     p.add_argument("--verify-every", type=int, default=0, metavar="N", help="rerun the "
                    "reference on every N-th batch and log the max pixel difference (0: never)")
     _add_purify_options(p)

@@ -35,7 +35,8 @@ from .backends import SpotCheck, check_backend
 from .checkpoint import BUNDLED_DIR, load_checkpoint
 from .config import PurifyConfig
 from .errors import UserError
-from .imageio import ImageError, discover_images, encode_png, load_image, to_uint8, write_atomic
+from .imageio import discover_images, encode_png, to_uint8, write_atomic
+from .loaders import BatchData, get_loader
 from .progress import progress
 from .purifier import Purifier, resolve_device
 
@@ -61,6 +62,7 @@ class FolderJob:
     preview: int = 0
     max_pixels: int = 64_000_000
     workers: int = 2
+    loader: str = "auto"  # auto, cpu, dali or nvjpeg; see apudae_engine.loaders
 
     def __post_init__(self) -> None:
         self.input_dir = Path(self.input_dir)
@@ -86,8 +88,10 @@ class Summary:
     flagged: int = 0
     seconds: float = 0.0
     verify: list[dict] = field(default_factory=list)
-    stage_seconds: dict[str, float] = field(
-        default_factory=lambda: {"decode_wait": 0.0, "purify": 0.0, "write": 0.0})
+    # decode and write: busy time of the background loader and writer threads; decode_wait and
+    # write_wait: time the purifying thread stood idle waiting for them (the bottleneck shows).
+    stage_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
+        ("decode", "decode_wait", "purify", "write", "write_wait"), 0.0))
 
     @property
     def images_per_second(self) -> float:
@@ -183,10 +187,10 @@ def _drop_torn_tail(manifest: Path) -> None:
             f.truncate(data.rfind(b"\n") + 1)
 
 
-def _decode_batch(pool: ThreadPoolExecutor, paths: list[Path], job: FolderJob,
-                  shape: tuple[int, int, int]) -> list[Future]:
-    c, h, w = shape
-    return [pool.submit(load_image, p, c, (h, w), job.max_pixels) for p in paths]
+def _write_png(path: Path, arr: np.ndarray) -> float:
+    t0 = time.perf_counter()
+    write_atomic(path, encode_png(arr))
+    return time.perf_counter() - t0
 
 
 def _batched(items: list, n: int) -> Iterator[list]:
@@ -225,32 +229,48 @@ def purify_folder(job: FolderJob) -> Summary:
     preview: list[tuple[np.ndarray, np.ndarray]] = []
     t_start = time.perf_counter()
     bar = progress(total=len(files), initial=summary.resumed, desc="purify", unit="img")
-    with ThreadPoolExecutor(job.workers) as pool, open(job.output_dir / MANIFEST, "a") as mf:
+    loader = get_loader(job.loader, device, job.workers)
+    shape = purifier.input_shape
+
+    def load(batch: list) -> tuple[BatchData, float]:
+        t0 = time.perf_counter()
+        return loader.load_batch([f for f, _ in batch], shape, job.max_pixels), \
+            time.perf_counter() - t0
+
+    def commit(records: list[dict], writes: list[Future], n: int) -> None:
+        # A batch's records go in only after its files are in place (resume relies on it).
+        t0 = time.perf_counter()
+        summary.stage_seconds["write"] += sum(w.result() for w in writes)
+        summary.stage_seconds["write_wait"] += time.perf_counter() - t0
+        for rec in records:
+            mf.write(json.dumps(rec) + "\n")
+        mf.flush()
+        os.fsync(mf.fileno())
+        bar.update(n)
+        summary.seconds = time.perf_counter() - t_start
+        bar.set_postfix(ok=summary.ok, failed=summary.failed,
+                        ips=f"{summary.images_per_second:.0f}/s")
+
+    with loader, ThreadPoolExecutor(1, thread_name_prefix="prefetch") as prefetch, \
+            ThreadPoolExecutor(job.workers, thread_name_prefix="write") as pool, \
+            open(job.output_dir / MANIFEST, "a") as mf:
         batches = list(_batched(todo, job.batch_size))
-        pending = _decode_batch(pool, [f for f, _ in batches[0]], job, purifier.input_shape) \
-            if batches else []
+        pending = prefetch.submit(load, batches[0]) if batches else None
+        writing = None
         for bi, batch in enumerate(batches):
             t0 = time.perf_counter()
-            decoded = []
-            for fut in pending:
-                try:
-                    decoded.append(fut.result())
-                except ImageError as exc:
-                    decoded.append(exc)
+            data, seconds = pending.result()
             summary.stage_seconds["decode_wait"] += time.perf_counter() - t0
+            summary.stage_seconds["decode"] += seconds
             if bi + 1 < len(batches):  # decode the next batch while this one is purified
-                pending = _decode_batch(pool, [f for f, _ in batches[bi + 1]], job,
-                                        purifier.input_shape)
-            records = _process_batch(batch, decoded, purifier, clf, labels, device, job, pool,
-                                     summary, preview, spot_check, bi)
-            for rec in records:
-                mf.write(json.dumps(rec) + "\n")
-            mf.flush()
-            os.fsync(mf.fileno())
-            bar.update(len(batch))
-            summary.seconds = time.perf_counter() - t_start
-            bar.set_postfix(ok=summary.ok, failed=summary.failed,
-                            ips=f"{summary.images_per_second:.0f}/s")
+                pending = prefetch.submit(load, batches[bi + 1])
+            records, writes = _process_batch(batch, data, purifier, clf, labels, device, job,
+                                             pool, summary, preview, spot_check, bi)
+            if writing is not None:  # the previous batch was written while this one ran
+                commit(*writing)
+            writing = (records, writes, len(batch))
+        if writing is not None:
+            commit(*writing)
     bar.close()
     summary.seconds = time.perf_counter() - t_start
     summary.verify = spot_check.records
@@ -259,23 +279,21 @@ def purify_folder(job: FolderJob) -> Summary:
 
 
 @torch.no_grad()
-def _process_batch(batch, decoded, purifier: Purifier, clf, labels, device, job: FolderJob,
-                   pool: ThreadPoolExecutor, summary: Summary, preview: list, spot_check=None,
-                   batch_index: int = 0) -> list[dict]:
+def _process_batch(batch, data: BatchData, purifier: Purifier, clf, labels, device,
+                   job: FolderJob, pool: ThreadPoolExecutor, summary: Summary, preview: list,
+                   spot_check=None, batch_index: int = 0) -> tuple[list[dict], list[Future]]:
+    """Purify one decoded batch and start writing it; returns its records and the writes."""
     records: list[dict] = []
-    good = []
-    for (_path, rel), item in zip(batch, decoded):
-        if isinstance(item, ImageError):
-            log.error("%s", item)
-            summary.failed += 1
-            records.append({"path": str(rel), "status": "error", "error": str(item)})
-        else:
-            good.append((rel, item))
+    for i, exc in sorted(data.errors.items()):
+        log.error("%s", exc)
+        summary.failed += 1
+        records.append({"path": str(batch[i][1]), "status": "error", "error": str(exc)})
+    good = [batch[i][1] for i in data.ok]
     if not good:
-        return records
+        return records, []
     t0 = time.perf_counter()
-    x = torch.from_numpy(np.stack([a for _, a in good])).to(device).float().div_(255.0)
-    ids = torch.tensor([path_identity(str(r)) for r, _ in good], dtype=torch.int64, device=device)
+    x = data.images
+    ids = torch.tensor([path_identity(str(r)) for r in good], dtype=torch.int64, device=device)
     result = purifier.purify(x, ids)
     if spot_check is not None:
         spot_check(batch_index, purifier, x, ids, result)
@@ -288,16 +306,13 @@ def _process_batch(batch, decoded, purifier: Purifier, clf, labels, device, job:
     if device.type == "cuda":
         torch.cuda.synchronize()
     summary.stage_seconds["purify"] += time.perf_counter() - t0
-    t0 = time.perf_counter()
     arrays = to_uint8(out)
-    writes = [pool.submit(write_atomic, job.output_dir / output_name(rel), encode_png(a))
-              for (rel, _), a in zip(good, arrays)]
-    for w in writes:
-        w.result()
-    summary.stage_seconds["write"] += time.perf_counter() - t0
+    writes = [pool.submit(_write_png, job.output_dir / output_name(rel), a)
+              for rel, a in zip(good, arrays)]
+    inputs = to_uint8(x[:max(0, job.preview - len(preview))])  # exact: x holds uint8 / 255
     threshold = purifier.flag_threshold()
     r_before = result.error_before.tolist()
-    for i, (rel, arr) in enumerate(good):
+    for i, rel in enumerate(good):
         flagged = threshold is not None and r_before[i] > threshold
         rec = {"path": str(rel), "status": "ok", "output": str(output_name(rel)),
                "r_before": round(r_before[i], 6), "r_after": round(float(r_after[i]), 6),
@@ -312,8 +327,8 @@ def _process_batch(batch, decoded, purifier: Purifier, clf, labels, device, job:
         summary.ok += 1
         summary.flagged += int(flagged)
         if len(preview) < job.preview:
-            preview.append((arr, arrays[i]))
-    return records
+            preview.append((inputs[i], arrays[i]))
+    return records, writes
 
 
 def _finish(job: FolderJob, summary: Summary, preview: list) -> None:
