@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -173,6 +174,10 @@ def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Decoding and writing threads run beside the purifying thread; libgomp's default spinning
+    # then makes every OpenMP team wait on busy cores (10x slower on 2 cores). Must be set before
+    # torch loads its OpenMP runtime; a user's own setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from .errors import UserError
 
     parser = build_parser()
