@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -164,6 +165,8 @@ def _prepare_output(job: FolderJob, identity: dict[str, Any]) -> dict[str, dict]
         if not same:
             manifest.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
+    if removed := _remove_stale_parts(out):
+        log.info("removed %d partial files left by an interrupted run", removed)
     write_atomic(run_file, (json.dumps(identity, indent=2) + "\n").encode())
     records: dict[str, dict] = {}
     if manifest.is_file():
@@ -177,6 +180,17 @@ def _prepare_output(job: FolderJob, identity: dict[str, Any]) -> dict[str, dict]
                     continue  # a line cut by a kill; the image is simply redone
     return {p: r for p, r in records.items()
             if r.get("status") == "ok" and (out / r["output"]).is_file()}
+
+
+_PART_FILE = re.compile(r"^\..+\.part\d+$")  # imageio.write_atomic's temporary names
+
+
+def _remove_stale_parts(out: Path) -> int:
+    """Delete temporary files a killed run left behind (their images are simply redone)."""
+    stale = [p for p in out.rglob(".*.part*") if _PART_FILE.match(p.name) and p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
 
 
 def _drop_torn_tail(manifest: Path) -> None:

@@ -132,8 +132,11 @@ def test_rerun_resumes_and_matches_uninterrupted_run(tiny_model, image_folder, t
     (part / "manifest.jsonl").write_text("\n".join(recs[:4]) + "\n" + recs[4][:10])  # torn line
     for r in recs[4:]:
         (part / json.loads(r)["output"]).unlink()
+    stale = part / "b" / ".img9.png.part4242"  # a kill in the middle of a write
+    stale.write_bytes(b"half a png")
     s = purify_folder(FolderJob(image_folder, part, batch_size=3, model=tiny_model))
     assert s.resumed == 4 and s.ok == 10
+    assert not stale.exists()
     assert tree_bytes(part) == tree_bytes(full)
     assert (part / "manifest.jsonl").read_text() == (full / "manifest.jsonl").read_text()
 
