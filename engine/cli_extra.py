@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from . import cli_backends
+from . import cli_backends, cli_evaluate
 
-REGISTER: list = [*cli_backends.REGISTER]
+REGISTER: list = [cli_evaluate.register, *cli_backends.REGISTER]
