@@ -31,9 +31,15 @@ def _short(path: str) -> str:
         return path
 
 
-def _load(hw: dict[str, Any]) -> str:
-    load = hw.get("load_average_at_end")
-    return "not recorded" if load is None else " / ".join(f"{v:.1f}" for v in load)
+def _machine(hw: dict[str, Any]) -> str:
+    parts = [hw["device"]]
+    if hw.get("cpu_cores"):
+        parts.append(f"{hw['cpu_cores']} cores")
+    parts.append(f"{hw['torch_threads']} torch threads")
+    if hw.get("load_average_at_end"):
+        load = " / ".join(f"{v:.1f}" for v in hw["load_average_at_end"])
+        parts.append(f"load average {load} at the end")
+    return ", ".join(parts)
 
 
 def _pct(v: float | None) -> str:
@@ -104,9 +110,8 @@ def markdown(results: dict[str, Any]) -> str:
     hw = s["hardware"]
     out = [f"# Robustness evaluation: {s['data']}", "",
            f"Command: `{s['command']}`  ",
-           f"Wall time: {s['wall_seconds']:.0f} s on {hw['processor']} ({hw['device']}, "
-           f"{hw.get('cpu_cores', '?')} cores, {hw['torch_threads']} torch threads, load average "
-           f"{_load(hw)} at the end); engine {s['engine']}, torch {s['torch']}; "
+           f"Wall time: {s['wall_seconds']:.0f} s on {hw['processor']} ({_machine(hw)}); "
+           f"engine {s['engine']}, torch {s['torch']}; "
            f"defenses scored with the {s.get('defense_backend', 'reference')} backend.  ",
            f"DAE `{_short(s['dae']['path'])}` ({s['dae']['arch']} {s['dae']['config']}, sha256 "
            f"{s['dae']['sha256'][:12]}), classifier `{_short(s['classifier']['path'])}` (sha256 "

@@ -97,7 +97,11 @@ def adam_step_ref(
     exp_avg_sq = exp_avg_sq * beta2 + grad * grad * (1.0 - beta2)
     bias1 = 1.0 - beta1**step
     bias2 = 1.0 - beta2**step
-    denom = exp_avg_sq.sqrt() / (bias2**0.5) + eps
+    # sqrt'(0) is infinite; where v == 0 the gradient is zero too, and autograd would give
+    # 0 * inf = NaN to attacks differentiating through an inactive image's first step.
+    positive = exp_avg_sq > 0
+    root = torch.where(positive, exp_avg_sq, torch.ones_like(exp_avg_sq)).sqrt()
+    denom = torch.where(positive, root, torch.zeros_like(root)) / (bias2**0.5) + eps
     param = param - (lr / bias1) * (exp_avg / denom)
     return param, exp_avg, exp_avg_sq
 
