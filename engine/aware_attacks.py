@@ -14,54 +14,14 @@ purification runs forward and backward, single DAE passes and classifier gradien
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from .attacks import AttackBudget, AttackResult, AttackSpec, classifier_loss, project
 from .purifier import Purifier
-
-
-def _adam_step_finite_grad(param, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps):
-    """``adam_step_ref`` with the same forward values but a finite backward where v == 0.
-
-    d sqrt(v)/dv is infinite at v = 0, and autograd multiplies it by the zero gradient of an
-    inactive hinge: 0 * inf = NaN for every image below mu at the first step. Where v == 0
-    here, v is the square of a zero gradient, so the true derivative of the update through
-    sqrt(v) is zero.
-    """
-    exp_avg = exp_avg * beta1 + grad * (1.0 - beta1)
-    exp_avg_sq = exp_avg_sq * beta2 + grad * grad * (1.0 - beta2)
-    bias1 = 1.0 - beta1**step
-    bias2 = 1.0 - beta2**step
-    positive = exp_avg_sq > 0
-    root = torch.where(positive, exp_avg_sq, torch.ones_like(exp_avg_sq)).sqrt()
-    root = torch.where(positive, root, torch.zeros_like(root))
-    denom = root / (bias2**0.5) + eps
-    param = param - (lr / bias1) * (exp_avg / denom)
-    return param, exp_avg, exp_avg_sq
-
-
-@contextlib.contextmanager
-def finite_purifier_gradients() -> Iterator[None]:
-    """Make gradients through the reference purifier finite while the block runs.
-
-    The reference loop (``apudae_engine.reference``) uses ``apudae_kernels.reference.
-    adam_step_ref``, whose backward gives NaN where Adam's second moment is zero. The forward
-    is unchanged (bit for bit); only the backward differs. Remove once the kernel reference
-    guards its square root.
-    """
-    from . import reference
-
-    original = reference.adam_step_ref
-    reference.adam_step_ref = _adam_step_finite_grad
-    try:
-        yield
-    finally:
-        reference.adam_step_ref = original
 
 
 def purified_logits(classifier: nn.Module, purifier: Purifier, x: torch.Tensor, seed: int,
@@ -75,8 +35,7 @@ def purified_logits(classifier: nn.Module, purifier: Purifier, x: torch.Tensor, 
         with torch.no_grad():
             out = purify(purifier.dae, x, cfg, purifier.mu, purifier.sigma, image_ids).images
             return classifier(out)
-    with finite_purifier_gradients():
-        out = purify(purifier.dae, x, cfg, purifier.mu, purifier.sigma, image_ids, True).images
+    out = purify(purifier.dae, x, cfg, purifier.mu, purifier.sigma, image_ids, True).images
     return classifier(out)
 
 
