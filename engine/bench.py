@@ -34,6 +34,7 @@ from torch import nn
 
 from ._version import __version__
 from .config import PurifyConfig
+from .hardware import cpu_model, gpu_info, load_average
 
 log = logging.getLogger(__name__)
 
@@ -85,23 +86,13 @@ def tune_cpu_allocator() -> str | None:
     return "glibc mallopt M_MMAP_THRESHOLD=32MiB M_TRIM_THRESHOLD=2GiB" if ok else None
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def hardware(device: torch.device) -> dict[str, Any]:
     """What the numbers were measured on."""
     info: dict[str, Any] = {
         "cpu": cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(), "python": platform.python_version(),
-        "torch": torch.__version__, "engine": __version__,
-        "load_average": [round(v, 2) for v in os.getloadavg()],
+        "torch": torch.__version__, "engine": __version__, "load_average": load_average(),
+        **gpu_info(device),
     }
     try:
         import triton
@@ -109,10 +100,6 @@ def hardware(device: torch.device) -> dict[str, Any]:
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
-    if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        info.update(gpu=props.name, gpu_capability=f"{props.major}.{props.minor}",
-                    cuda=torch.version.cuda)
     return info
 
 
@@ -260,7 +247,7 @@ def run_bench(cases: list[str], backends: list[tuple[str, str]], device: torch.d
         for batch in grid.get(name, ()):
             record["results"] += _bench_one(case, batch, runnable, device, repeats, config,
                                             record["peak"])
-    record["hardware"]["load_average_end"] = [round(v, 2) for v in os.getloadavg()]
+    record["hardware"]["load_average_end"] = load_average()
     return record
 
 

@@ -24,7 +24,6 @@ the ceiling and the end-to-end rate are not comparable.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import logging
@@ -39,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .hardware import cpu_model, gpu_info
 from .loaders import LOADERS, _unavailable, get_loader
 from .pipeline import FolderJob, path_identity, purify_folder
 
@@ -199,14 +199,10 @@ def machine() -> dict[str, Any]:
     """Hardware and versions recorded with every result."""
     import PIL
 
-    cpu = platform.processor()
-    with contextlib.suppress(OSError):
-        names = [line.split(":", 1)[1].strip() for line in
-                 Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
-        cpu = f"{names[0]} x{len(names)}" if names else cpu
-    info = {"cpu": cpu, "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+    info = {"cpu": f"{cpu_model()} x{os.cpu_count()}", "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
             "pillow": PIL.__version__, "python": platform.python_version(),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "gpu": gpu_info().get("gpu"),
             "dtype": "float32", "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
     try:

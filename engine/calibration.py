@@ -40,7 +40,7 @@ def calibrate(dae_path: str | Path, dataset: str = "fashion-mnist", limit: int |
               data_dir: str | None = None) -> dict[str, Any]:
     """Compute mu, sigma on the dataset's calib split and store them in the DAE checkpoint."""
     ckpt = load_checkpoint(dae_path, "dae")
-    data = load_dataset(dataset, "calib", data_dir).subset(limit)
+    data = load_dataset(dataset, "calib", data_dir, ckpt.input_shape).subset(limit)
     if tuple(data.images.shape[1:]) != ckpt.input_shape:
         raise UserError(f"{data.source} images are {tuple(data.images.shape[1:])} but the DAE "
                         f"expects {ckpt.input_shape}")

@@ -130,7 +130,8 @@ def _cmd_verify(a: argparse.Namespace) -> int:
     else:
         from .datasets import load_dataset
 
-        images = load_dataset(a.dataset, a.split, a.data_dir).subset(a.limit).float_images()
+        images = load_dataset(a.dataset, a.split, a.data_dir,
+                              ck.input_shape).subset(a.limit).float_images()
         source = f"{a.dataset} {a.split}"
     if tuple(images.shape[1:]) != tuple(ck.input_shape):
         raise UserError(f"images of {source} are {tuple(images.shape[1:])} but the DAE takes "

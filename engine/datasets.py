@@ -14,7 +14,8 @@ evaluation; mu/sigma are computed here) and ``test`` (evaluation only).
   Python pickles; they are read with an unpickler that admits only numpy arrays and builtins.
   train = data_batch_1..5 minus the last 5,000, calib = those 5,000, test = test_batch.
 - ``folder:PATH``: an ImageFolder-style directory (one sub-folder per class); calib/test come
-  from a seeded 10 %/20 % split.
+  from a seeded 10 %/20 % split. Images are read at the model's input shape where a model is
+  given (evaluate, calibrate, verify), else at the first image's channels and size (training).
 """
 
 from __future__ import annotations
@@ -185,8 +186,26 @@ def load_cifar10(split: str, root: str | Path | None = None) -> ImageSet:
                     f"cifar10 {split} ({len(x)})")
 
 
-def load_image_folder(split: str, root: str | Path, channels: int = 3,
-                      size: int | None = None) -> ImageSet:
+_GRAY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+
+
+def _folder_shape(first: Path) -> tuple[int, tuple[int, int]]:
+    """(channels, (H, W)) of a folder dataset without a model: those of its first image
+    (grayscale modes give one channel, everything else three)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(first) as im:
+            return (1 if im.mode in _GRAY_MODES else 3), (im.size[1], im.size[0])
+    except (OSError, UnidentifiedImageError) as exc:
+        raise UserError(f"{first}: cannot read the image ({exc})") from None
+
+
+def load_image_folder(split: str, root: str | Path,
+                      shape: tuple[int, int, int] | None = None) -> ImageSet:
+    """``split`` of an ImageFolder-style directory as ``shape`` (C, H, W) images (a model's
+    input shape; images of other sizes are resized like ``purify`` does). Without ``shape``,
+    the first image's channel count and size are used for every image."""
     from .imageio import load_image  # Pillow-based; kept out of the module import path
 
     root = Path(root)
@@ -199,9 +218,12 @@ def load_image_folder(split: str, root: str | Path, channels: int = 3,
             if f.is_file():
                 files.append(f)
                 labels.append(ci)
+    if not files:
+        raise UserError(f"{root}: the class folders hold no files")
+    channels, size = (shape[0], tuple(shape[1:])) if shape else _folder_shape(files[0])
     idx = _split_indices(len(files), split, (0.1, 0.2))
     imgs = [load_image(files[i], channels, size) for i in idx]
-    x = torch.stack([torch.from_numpy(a) for a in imgs])
+    x = torch.from_numpy(np.stack(imgs))  # one writable copy
     return ImageSet(x, torch.tensor([labels[i] for i in idx], dtype=torch.int64), classes,
                     f"folder {root} {split} ({len(idx)})")
 
@@ -209,8 +231,13 @@ def load_image_folder(split: str, root: str | Path, channels: int = 3,
 DATASETS = ("fashion-mnist", "mnist", "cifar10")
 
 
-def load_dataset(name: str, split: str, root: str | Path | None = None) -> ImageSet:
-    """Load ``split`` (train, calib or test) of a dataset by name, or ``folder:PATH``."""
+def load_dataset(name: str, split: str, root: str | Path | None = None,
+                 shape: tuple[int, int, int] | None = None) -> ImageSet:
+    """Load ``split`` (train, calib or test) of a dataset by name, or ``folder:PATH``.
+
+    ``shape`` (C, H, W), a model's input shape, sets how a folder's images are read; named
+    datasets have one fixed shape and callers check it against their model.
+    """
     if split not in SPLITS:
         raise UserError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     if name == "fashion-mnist":
@@ -220,5 +247,5 @@ def load_dataset(name: str, split: str, root: str | Path | None = None) -> Image
     if name == "cifar10":
         return load_cifar10(split, root)
     if name.startswith("folder:"):
-        return load_image_folder(split, name.split(":", 1)[1])
+        return load_image_folder(split, name.split(":", 1)[1], shape)
     raise UserError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}, folder:PATH")

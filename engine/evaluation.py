@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -32,6 +31,7 @@ from .config import PurifyConfig
 from .datasets import load_dataset
 from .errors import UserError
 from .eval_config import EvalConfig
+from .hardware import cpu_model, gpu_info, load_average
 from .progress import progress
 from .purifier import Purifier, resolve_device
 from .reference import purify, reconstruction_error
@@ -93,7 +93,8 @@ class Evaluator:
                             f"--model {c.model}` first")
         self.classifier_ckpt = load_checkpoint(self._classifier_ref(), "classifier")
         self.classifier = self.classifier_ckpt.model.to(self.device).eval()
-        self.data = load_dataset(c.dataset, c.split, c.data_dir).subset(c.limit)
+        self.data = load_dataset(c.dataset, c.split, c.data_dir,
+                                 self.base.checkpoint.input_shape).subset(c.limit)
         cal_data = (self.base.checkpoint.calibration or {}).get("data")
         if cal_data and cal_data == self.data.source:
             raise UserError(f"the DAE was calibrated on {cal_data}, the data being evaluated")
@@ -297,20 +298,10 @@ class Evaluator:
 
 
 def _hardware(device: torch.device) -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        names = [line.split(":", 1)[1].strip() for line in
-                 Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
-    info = {"device": str(device), "processor": cpu, "cpu_cores": os.cpu_count(),
+    return {"device": str(device), "processor": cpu_model(), "cpu_cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             # Runs on a shared machine: the load at the end says how contended the timing was.
-            "load_average_at_end": [round(v, 2) for v in os.getloadavg()]}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
+            "load_average_at_end": load_average(), **gpu_info(device)}
 
 
 def _worst_case(rows: list[_Row]) -> dict[str, Any] | None:

@@ -102,7 +102,8 @@ def train_dae(config: TrainConfig, out_stem: str | Path, layers: int = 4, width:
     with _file_log(out_stem):
         torch.manual_seed(config.seed)
         train = load_dataset(config.dataset, "train", config.data_dir).subset(config.limit)
-        held = load_dataset(config.dataset, "calib", config.data_dir).subset(2000)
+        held = load_dataset(config.dataset, "calib", config.data_dir,
+                            tuple(train.images.shape[1:])).subset(2000)
         c, h, w = train.images.shape[1:]
         model = REDNet(channels=c, layers=layers, width=width)
         opt = torch.optim.Adam(model.parameters(), lr=config.lr)
@@ -163,7 +164,8 @@ def train_classifier(config: TrainConfig, out_stem: str | Path, arch: str = "sma
     with _file_log(out_stem):
         torch.manual_seed(config.seed)
         train = load_dataset(config.dataset, "train", config.data_dir).subset(config.limit)
-        held = load_dataset(config.dataset, "calib", config.data_dir)
+        held = load_dataset(config.dataset, "calib", config.data_dir,
+                            tuple(train.images.shape[1:]))
         c, h, w = train.images.shape[1:]
         classes = len(train.classes)
         model = (SmallCNN(c, classes, h) if arch == "small_cnn" else ResNet18(c, classes))

@@ -60,8 +60,9 @@ def uniform_noise_ref(
 
 
 def squared_error_ref(y: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-    """Per-image sum of squared differences: y, recon (N, ...) -> (N,) float32."""
-    d = (y - recon).float().flatten(1)
+    """Per-image sum of squared differences: y, recon (N, ...) -> (N,), summed in float32
+    (float64 inputs stay float64, so gradient checks keep their precision)."""
+    d = (y - recon).to(torch.promote_types(y.dtype, torch.float32)).flatten(1)
     return (d * d).sum(dim=1)
 
 

@@ -9,6 +9,7 @@ import struct
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from apudae_engine.datasets import load_dataset, read_idx
@@ -111,6 +112,28 @@ def test_image_folder(tmp_path):
     parts = [load_dataset(f"folder:{tmp_path / 'f'}", s) for s in ("train", "calib", "test")]
     assert [len(p) for p in parts] == [14, 2, 4]
     assert parts[0].classes == ["cat", "dog"] and parts[0].images.shape[1:] == (3, 8, 8)
+
+
+def test_image_folder_channels_and_size_follow_the_model_or_the_first_image(tmp_path):
+    root = tmp_path / "g"
+    for c in ("a", "b"):
+        (root / c).mkdir(parents=True)
+        for i in range(5):
+            size = (28, 28) if i % 2 == 0 else (40, 30)  # mixed sizes
+            Image.new("L", size, 10 * i).save(root / c / f"{i}.png")
+    name = f"folder:{root}"
+    auto = load_dataset(name, "train")
+    assert auto.images.shape[1:] == (1, 28, 28)  # the first image: grayscale 28x28
+    model = load_dataset(name, "train", shape=(3, 32, 32))
+    assert model.images.shape[1:] == (3, 32, 32)
+    # Grayscale read as RGB repeats the value in every channel.
+    assert torch.equal(model.images[:, 0], model.images[:, 2])
+
+
+def test_image_folder_without_files(tmp_path):
+    (tmp_path / "e" / "cls").mkdir(parents=True)
+    with pytest.raises(UserError, match="hold no files"):
+        load_dataset(f"folder:{tmp_path / 'e'}", "train")
 
 
 def test_unknown_dataset_and_split():

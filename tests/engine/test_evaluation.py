@@ -25,7 +25,7 @@ def quadrant_data(monkeypatch):
     """Every split of every dataset name is the quadrant task's held-out images."""
     torch.set_num_threads(1)
     data = quadrant_set(48, seed=1)
-    monkeypatch.setattr(evaluation, "load_dataset", lambda name, split, root=None: data)
+    monkeypatch.setattr(evaluation, "load_dataset", lambda name, split, root=None, shape=None: data)
     return data
 
 
@@ -35,7 +35,7 @@ def quick_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("eval")
     data = quadrant_set(48, seed=1)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(evaluation, "load_dataset", lambda name, split, root=None: data)
+        mp.setattr(evaluation, "load_dataset", lambda name, split, root=None, shape=None: data)
         results = evaluate(EvalConfig(model=str(trained_model_folder()), quick=True, limit=48,
                                       aware_limit=8, out_dir=str(out), command="test"))
     return results, out
@@ -132,7 +132,7 @@ def test_cli_rejects_unknown_attacks_and_the_calib_split(quadrant_data, tmp_path
 def test_calibration_data_may_not_be_the_evaluation_data(monkeypatch, tmp_path):
     data = quadrant_set(8, seed=0)
     data.source = "quadrant blobs seed 0"  # what the fixture DAE was calibrated on
-    monkeypatch.setattr(evaluation, "load_dataset", lambda name, split, root=None: data)
+    monkeypatch.setattr(evaluation, "load_dataset", lambda name, split, root=None, shape=None: data)
     with pytest.raises(UserError, match="calibrated on"):
         evaluation.Evaluator(EvalConfig(model=str(trained_model_folder()), out_dir=str(tmp_path)))
 
