@@ -110,7 +110,8 @@ def _has_loader_field() -> bool:
 
 def bench_size(size: int, count: int, loaders: list[str], work: Path, batch: int, workers: int,
                device: torch.device, layers: int, width: int,
-               repeat: int = 1) -> list[dict[str, Any]]:
+               repeat: int = 1, backend: str = "reference",
+               precision: str = "fp32") -> list[dict[str, Any]]:
     """Decode, purify and e2e images/s for one image size and each usable loader.
 
     With ``repeat`` > 1 the purify and e2e measurements alternate and the fastest of each
@@ -128,8 +129,8 @@ def bench_size(size: int, count: int, loaders: list[str], work: Path, batch: int
         model = random_rednet_checkpoint(work / f"dae{size}" / "dae", size, layers, width,
                                          (sample * 255).round().to(torch.uint8))
     job = FolderJob(folder, work / "out", batch_size=batch, model=model, device=str(device),
-                    workers=workers, overwrite=True)
-    purifier = Purifier.from_pretrained(model, job.config, device)
+                    workers=workers, overwrite=True, backend=backend, precision=precision)
+    purifier = Purifier.from_pretrained(model, job.config, device, backend, precision)
     clf, _, _ = _load_classifier(job, device) or (None, None, None)
     shape = purifier.input_shape
     ids = torch.tensor([path_identity(f.name) for f in files], dtype=torch.int64, device=device)
@@ -240,6 +241,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=1, help="alternate purify-only and e2e this "
                    "many times and keep the fastest of each (shared machines)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--backend", default="reference", help="the purify backend of both the "
+                   "ceiling and the end-to-end run (reference, compiled, auto)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from .purifier import resolve_device
@@ -252,8 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="apudae-bench-") as tmp:
         for size, count in zip(a.sizes, counts):
             rows += bench_size(size, count, a.loaders, Path(tmp), a.batch, a.workers, device,
-                               a.layers, a.width, a.repeat)
-    info = machine() | {"device": str(device), "pipeline_loader_option": _has_loader_field()}
+                               a.layers, a.width, a.repeat, a.backend, a.precision)
+    info = machine() | {"device": str(device), "backend": a.backend, "precision": a.precision,
+                        "pipeline_loader_option": _has_loader_field()}
     print(json.dumps(info))
     print(format_table(rows))
     if a.json:

@@ -22,15 +22,21 @@ def cpu_model() -> str:
 
 
 def gpu_info(device: torch.device | str | None = None) -> dict[str, Any]:
-    """{gpu, gpu_capability, cuda} of a CUDA ``device`` (the current one for None); {} on the
-    CPU or without CUDA."""
+    """{gpu, gpu_capability, cuda, conv_fp32} of a CUDA ``device`` (the current one for None);
+    {} on the CPU or without CUDA. ``conv_fp32`` is how cuDNN runs float32 convolutions:
+    "tf32" (PyTorch's default on Ampere and later, so "fp32" timings are TF32 convolutions)
+    or "ieee"."""
     if device is not None and torch.device(device).type != "cuda":
         return {}
     if not torch.cuda.is_available():
         return {}
     props = torch.cuda.get_device_properties(device)
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    precision = getattr(conv, "fp32_precision", None)
+    if precision in (None, "none"):
+        precision = "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
     return {"gpu": props.name, "gpu_capability": f"{props.major}.{props.minor}",
-            "cuda": torch.version.cuda}
+            "cuda": torch.version.cuda, "conv_fp32": precision}
 
 
 def load_average() -> list[float]:

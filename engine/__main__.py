@@ -1,0 +1,8 @@
+"""``python -m apudae_engine``: the ``apudae-engine`` command, for environments without the
+console script (an uninstalled checkout on ``PYTHONPATH``)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
