@@ -200,15 +200,23 @@ class FixedShapeLoop:
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):  # warm-up: compiles the graph and the Triton kernel
             self.loop()
-        torch.cuda.current_stream(device).wait_stream(side)
+        caller = torch.cuda.current_stream(device)
+        caller.wait_stream(side)
         try:
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            # thread_local, not the default global mode: the folder pipeline decodes the next
+            # batch on another thread (cudaMalloc, copies, DALI/nvJPEG) while the first batch
+            # of a shape is captured, and global mode fails those calls and the capture.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.outputs = self.loop()
             self.graph = graph
         except RuntimeError as exc:  # keep working, only slower
             log.warning("CUDA graph capture failed (%s); running the loop uncaptured",
                         str(exc).splitlines()[0])
+        finally:
+            # torch.cuda.graph leaves its capture stream current when capture_end raises;
+            # later work must run on the caller's stream, ordered with the other threads'.
+            torch.cuda.set_stream(caller)
 
     def loop(self):
         c = self.config

@@ -325,12 +325,14 @@ def _process_batch(batch, data: BatchData, purifier: Purifier, clf, labels, devi
               for rel, a in zip(good, arrays)]
     inputs = to_uint8(x[:max(0, job.preview - len(preview))])  # exact: x holds uint8 / 255
     threshold = purifier.flag_threshold()
-    r_before = result.error_before.tolist()
+    # One device-to-host copy per list: indexing CUDA tensors per image syncs every time.
+    r_before, r_after = result.error_before.tolist(), r_after.tolist()
+    active_steps = result.active_steps.tolist()
     for i, rel in enumerate(good):
         flagged = threshold is not None and r_before[i] > threshold
         rec = {"path": str(rel), "status": "ok", "output": str(output_name(rel)),
-               "r_before": round(r_before[i], 6), "r_after": round(float(r_after[i]), 6),
-               "flagged": bool(flagged), "active_steps": int(result.active_steps[i]),
+               "r_before": round(r_before[i], 6), "r_after": round(r_after[i], 6),
+               "flagged": bool(flagged), "active_steps": active_steps[i],
                "steps": job.config.steps}
         if pred_before is not None:
             rec["label_before"], rec["label_after"] = pred_before[i], pred_after[i]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -334,8 +335,8 @@ def test_fixed_shape_loop_with_the_triton_update_matches_reference(case):
     from apudae_engine.compiled_backend import FixedShapeLoop
     from apudae_engine.step_graph import StepGraph
 
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
+    if os.environ.get("TRITON_INTERPRET") != "1":  # with a GPU, test_gpu.py covers CUDA
+        pytest.skip("CPU tensors need the Triton interpreter (set only without a GPU)")
     x, ids = case["x"][case["order"][8:14]], torch.arange(6)
     config = PurifyConfig(steps=4, seed=9)
     loop = FixedShapeLoop(StepGraph(case["dae"]).eval(), x.shape, x.device, case["mu"],
@@ -344,3 +345,83 @@ def test_fixed_shape_loop_with_the_triton_update_matches_reference(case):
     with torch.no_grad():
         want = adaptive_purify(case["dae"], x, case["mu"], case["sigma"], config, ids)
     _assert_close(got, want)
+
+
+
+class _FakeCudaGraphs:
+    """torch.cuda's streams and graph capture, faked on the CPU: records the capture mode and
+    which stream is current, and fails capture_end like CUDA when ``fail`` is set."""
+
+    def __init__(self, monkeypatch):
+        self.modes, self.fail = [], False
+        self.caller = self.current = self._stream("caller")
+        fake = self
+
+        class graph:
+            def __init__(self, cuda_graph, pool=None, stream=None, capture_error_mode="global"):
+                fake.modes.append(capture_error_mode)
+
+            def __enter__(self):
+                self.previous, fake.current = fake.current, fake._stream("capture")
+
+            def __exit__(self, *exc):
+                if fake.fail:  # as torch.cuda.graph: capture_end raises, the stream stays
+                    raise RuntimeError("CUDA error: operation not permitted when stream is "
+                                       "capturing")
+                fake.current = self.previous
+
+        @contextlib.contextmanager
+        def stream(s):
+            previous, self.current = self.current, s
+            yield
+            self.current = previous
+
+        monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: self._stream("side"))
+        monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: self.current)
+        monkeypatch.setattr(torch.cuda, "set_stream", lambda s: setattr(self, "current", s))
+        monkeypatch.setattr(torch.cuda, "stream", stream)
+        monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
+        monkeypatch.setattr(torch.cuda, "graph", graph)
+
+    @staticmethod
+    def _stream(name):
+        return type("Stream", (), {"name": name, "wait_stream": lambda self, other: None})()
+
+    def loop(self):
+        from apudae_engine.compiled_backend import FixedShapeLoop
+
+        def step(y):
+            return y.flatten(1).sum(1), torch.ones_like(y)
+
+        return FixedShapeLoop(step, torch.Size((2, 1, 4, 4)), torch.device("cpu"), 1.0, 1.0,
+                              PurifyConfig(steps=2), capture=True)
+
+
+@pytest.fixture()
+def fake_cuda_graphs(monkeypatch):
+    pytest.importorskip("triton", reason="install the 'triton' extra")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU tensors need the Triton interpreter (set only without a GPU)")
+    return _FakeCudaGraphs(monkeypatch)
+
+
+def test_cuda_graph_capture_leaves_other_threads_free(fake_cuda_graphs):
+    """A new batch shape is captured while the pipeline's loader thread decodes the next batch
+    on the same GPU (allocations, copies, DALI/nvJPEG calls). CUDA's default global capture
+    mode fails such calls from any thread, and the capture with them; thread_local does not."""
+    loop = fake_cuda_graphs.loop()
+    assert loop.graph is not None
+    assert fake_cuda_graphs.modes == ["thread_local"]
+    assert fake_cuda_graphs.current is fake_cuda_graphs.caller
+
+
+def test_failed_cuda_graph_capture_runs_uncaptured_on_the_callers_stream(fake_cuda_graphs):
+    """After a failed capture the loop runs uncaptured, and on the stream it was called on:
+    left on the capture stream it would read the loader's images unordered."""
+    fake_cuda_graphs.fail = True
+    loop = fake_cuda_graphs.loop()
+    assert loop.graph is None
+    assert fake_cuda_graphs.current is fake_cuda_graphs.caller
+    x = torch.full((2, 1, 4, 4), 0.5)
+    res = loop.run(x, torch.tensor([3, 4]))
+    assert res.images.shape == x.shape and res.active_steps.tolist() == [2, 2]
