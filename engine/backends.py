@@ -35,6 +35,7 @@ from torch import nn
 
 from .config import PurifyConfig
 from .errors import BackendUnavailable, UserError
+from .hardware import ieee_fp32_convolutions
 from .reference import PurifyResult, image_fingerprint, purify
 
 log = logging.getLogger(__name__)
@@ -162,7 +163,7 @@ class ReferenceBackend:
     name, precision = "reference", "fp32"
 
     def purify(self, dae, x, mu, sigma, config, image_ids=None) -> PurifyResult:
-        with torch.no_grad():
+        with torch.no_grad(), ieee_fp32_convolutions(x.device):
             return purify(dae, x, config, mu, sigma, image_ids)
 
 
@@ -186,6 +187,12 @@ class OptimizedBackend:
         return engine_for(dae, self.device, self.dtype)
 
     def purify(self, dae, x, mu, sigma, config, image_ids=None) -> PurifyResult:
+        # fp32 is IEEE float32 on GPUs too (see ieee_fp32_convolutions); this also holds for
+        # the fp32 side of the parity check and for the convolutions chosen at graph capture.
+        with ieee_fp32_convolutions(self.device):
+            return self._purify(dae, x, mu, sigma, config, image_ids)
+
+    def _purify(self, dae, x, mu, sigma, config, image_ids=None) -> PurifyResult:
         if self.failed:
             return ReferenceBackend().purify(dae, x, mu, sigma, config, image_ids)
         if config.method != "adaptive":

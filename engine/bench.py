@@ -34,7 +34,7 @@ from torch import nn
 
 from ._version import __version__
 from .config import PurifyConfig
-from .hardware import cpu_model, gpu_info, load_average
+from .hardware import cpu_model, gpu_info, ieee_fp32_convolutions, load_average
 
 log = logging.getLogger(__name__)
 
@@ -133,8 +133,9 @@ def measure_peak(device: torch.device, dtype: torch.dtype = torch.float32) -> di
             memory_format=torch.channels_last)
         w = torch.randn(c, c, 3, 3, device=device, dtype=dtype).contiguous(
             memory_format=torch.channels_last)
-        seconds = _best_seconds(lambda x=x, w=w: torch.nn.functional.conv2d(x, w, padding=1),
-                                device)
+        with ieee_fp32_convolutions(device):  # the engine's fp32 (not TF32) on GPUs
+            seconds = _best_seconds(
+                lambda x=x, w=w: torch.nn.functional.conv2d(x, w, padding=1), device)
         conv = max(conv, 2 * batch * c * c * 9 * hw * hw / seconds / 1e9)
     return {"matmul_gflops": round(mm, 1), "conv3x3_gflops": round(conv, 1),
             "peak_gflops": round(max(mm, conv), 1)}

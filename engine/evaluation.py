@@ -31,7 +31,7 @@ from .config import PurifyConfig
 from .datasets import load_dataset
 from .errors import UserError
 from .eval_config import EvalConfig
-from .hardware import cpu_model, gpu_info, load_average
+from .hardware import cpu_model, gpu_info, ieee_fp32_convolutions, load_average
 from .progress import progress
 from .purifier import Purifier, resolve_device
 from .reference import purify, reconstruction_error
@@ -149,7 +149,8 @@ class Evaluator:
         if pur is not None and self.backend is not None:
             x = self.backend.purify(pur.dae, x, pur.mu, pur.sigma, pur.config).images
         elif pur is not None:
-            x = purify(pur.dae, x, pur.config, pur.mu, pur.sigma).images
+            with ieee_fp32_convolutions(x.device):  # scored as the engine runs it
+                x = purify(pur.dae, x, pur.config, pur.mu, pur.sigma).images
         return self.classifier(x).argmax(1), x
 
     def run_rows(self, rows: list[str | AttackSpec], count: int, batch: int, purifier,

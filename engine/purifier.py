@@ -101,7 +101,9 @@ class Purifier(nn.Module):
 
             return get_backend(self.backend, x.device, self.precision).purify(
                 self.dae, x, self.mu, self.sigma, self.config, image_ids)
-        with torch.no_grad():
+        from .hardware import ieee_fp32_convolutions
+
+        with torch.no_grad(), ieee_fp32_convolutions(x.device):
             return purify(self.dae, x, self.config, self.mu, self.sigma, image_ids, False)
 
     def forward(self, x: torch.Tensor, image_ids: torch.Tensor | None = None) -> torch.Tensor:

@@ -425,3 +425,24 @@ def test_failed_cuda_graph_capture_runs_uncaptured_on_the_callers_stream(fake_cu
     x = torch.full((2, 1, 4, 4), 0.5)
     res = loop.run(x, torch.tensor([3, 4]))
     assert res.images.shape == x.shape and res.active_steps.tolist() == [2, 2]
+
+
+def test_fp32_means_ieee_convolutions_on_gpus():
+    """cuDNN's default TF32 convolutions drift over the Adam loop (see
+    ieee_fp32_convolutions); the engine's backends run fp32 as IEEE float32 and restore the
+    user's setting afterwards. The flag is plain state, so this runs without a GPU."""
+    from apudae_engine.hardware import conv_fp32_precision, ieee_fp32_convolutions
+
+    conv = torch.backends.cudnn.conv
+    before = conv.fp32_precision
+    with ieee_fp32_convolutions("cpu"):
+        assert conv.fp32_precision == before
+    seen = []
+    backend = backends.OptimizedBackend("compiled", torch.device("cuda"), "fp32")
+    backend._purify = lambda *args: seen.append(conv_fp32_precision())
+    try:
+        conv.fp32_precision = "tf32"
+        backend.purify(None, None, 1.0, 1.0, PurifyConfig())
+        assert seen == ["ieee"] and conv.fp32_precision == "tf32"
+    finally:
+        conv.fp32_precision = before
