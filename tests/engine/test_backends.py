@@ -32,6 +32,7 @@ from apudae_engine.compiled_backend import (
 )
 from apudae_engine.config import PurifyConfig
 from apudae_engine.errors import BackendUnavailable
+from apudae_engine.hardware import ieee_fp32_convolutions
 from apudae_engine.models import REDNet
 from apudae_engine.reference import adaptive_purify, reconstruction_error
 from apudae_kernels.reference import adaptive_update_ref, uniform_noise_ref
@@ -150,7 +151,8 @@ def test_compiled_backend_matches_reference_on_gpu():
     backend = get_backend("compiled", "cuda")
     for _ in range(2):  # the second call replays the captured CUDA graph
         got = backend.purify(dae, x, mu, sigma, PurifyConfig(), torch.arange(6, device="cuda"))
-    want = adaptive_purify(dae, x, mu, sigma, PurifyConfig(), torch.arange(6, device="cuda"))
+    with ieee_fp32_convolutions("cuda"):  # as the engine runs it; cuDNN defaults to TF32
+        want = adaptive_purify(dae, x, mu, sigma, PurifyConfig(), torch.arange(6, device="cuda"))
     torch.testing.assert_close(got.error_before, want.error_before, rtol=1e-4, atol=1e-4)
     assert (got.images - want.images).abs().max() < 4 / 255
 
@@ -431,7 +433,7 @@ def test_fp32_means_ieee_convolutions_on_gpus():
     """cuDNN's default TF32 convolutions drift over the Adam loop (see
     ieee_fp32_convolutions); the engine's backends run fp32 as IEEE float32 and restore the
     user's setting afterwards. The flag is plain state, so this runs without a GPU."""
-    from apudae_engine.hardware import conv_fp32_precision, ieee_fp32_convolutions
+    from apudae_engine.hardware import conv_fp32_precision
 
     conv = torch.backends.cudnn.conv
     before = conv.fp32_precision
