@@ -72,17 +72,39 @@ def build_step(dae: nn.Module, shape: tuple[int, int, int], dtype: torch.dtype,
         return torch.export.load(str(path)).module()
     log.info("building a TensorRT engine (%s, batch 1..%d, %s); cached at %s",
              str(dtype).removeprefix("torch."), max_batch, "x".join(map(str, shape)), path)
-    program = export_program(dae, shape, max_batch, device=device)
+    # The step graph computes in ``dtype`` itself (float32 in and out), so TensorRT's explicit
+    # typing keeps each layer's precision as exported.
+    program = export_program(dae, shape, max_batch, dtype=dtype, device=device)
     opt = min(max_batch, _MIN_PROFILE_BATCH)
     inputs = [trt.Input(min_shape=(1, *shape), opt_shape=(opt, *shape),
                         max_shape=(max_batch, *shape), dtype=torch.float32)]
-    module = _with_inputs(trt.dynamo.compile, program, inputs, enabled_precisions={dtype},
-                          device=device, min_block_size=1)
+    module = _with_inputs(trt.dynamo.compile, program, inputs,
+                          **compile_options(trt.dynamo.compile, dtype), device=device,
+                          min_block_size=1)
     path.parent.mkdir(parents=True, exist_ok=True)
-    example = [torch.rand(opt, *shape, device=device)]
-    _with_inputs(trt.save, module, example, file_path=str(path),
-                 output_format="exported_program")
+    # The Input ranges, not example tensors: saved with a plain tensor, the program would be
+    # re-exported with that one batch size fixed, and a cached engine would take no other.
+    _with_inputs(trt.save, module, inputs, file_path=str(path), output_format="exported_program")
     return module
+
+
+def compile_options(compile_fn, dtype: torch.dtype) -> dict:
+    """Precision options for ``torch_tensorrt.dynamo.compile`` of this version.
+
+    Newer releases type the network explicitly from the graph (``use_explicit_typing``;
+    ``enabled_precisions`` is deprecated there); older ones take ``enabled_precisions``. fp32
+    disables TF32 in either, as the engine's fp32 is IEEE float32 everywhere.
+    """
+    import inspect
+
+    params = inspect.signature(compile_fn).parameters
+    if "use_explicit_typing" in params:
+        options: dict = {"use_explicit_typing": True}
+    else:
+        options = {"enabled_precisions": {dtype}}
+    if dtype == torch.float32 and "disable_tf32" in params:
+        options["disable_tf32"] = True
+    return options
 
 
 def _with_inputs(fn, first, inputs, **kwargs):

@@ -36,6 +36,42 @@ def test_exported_program_takes_two_batch_sizes(dae):
         torch.testing.assert_close(g, g_ref, rtol=1e-4, atol=1e-5)
 
 
+def test_reduced_precision_program_is_explicitly_typed(dae):
+    """The tensorrt backend compiles this program with explicit typing: it must take float32
+    images, compute its hidden convolutions in bf16 and return float32 values close to
+    autograd's."""
+    ep = export_program(dae, SHAPE, dtype=torch.bfloat16)
+    convs = [n.meta["val"].dtype for n in ep.graph.nodes
+             if n.op == "call_function" and "conv" in str(n.target)]
+    # The hidden layers run in bf16 (StepGraph keeps the thin input and output layers and
+    # the error in float32).
+    assert convs.count(torch.bfloat16) >= len(convs) // 2
+    y = torch.rand(5, *SHAPE)
+    with torch.no_grad():
+        r, g = ep.module()(y)
+    r_ref, g_ref = autograd_step(dae, y)
+    assert r.dtype == g.dtype == torch.float32
+    torch.testing.assert_close(r, r_ref, rtol=0.02, atol=1e-3)
+    cos = torch.nn.functional.cosine_similarity(g.flatten(1), g_ref.flatten(1), dim=1)
+    assert cos.min() > 0.98
+
+
+def test_tensorrt_compile_options_follow_the_installed_api():
+    from apudae_engine.tensorrt_backend import compile_options
+
+    def new_api(program, *, use_explicit_typing=True, enabled_precisions=None,
+                disable_tf32=False):
+        pass
+
+    def old_api(program, *, enabled_precisions=None, disable_tf32=False):
+        pass
+
+    assert compile_options(new_api, torch.float32) == {"use_explicit_typing": True,
+                                                       "disable_tf32": True}
+    assert compile_options(new_api, torch.float16) == {"use_explicit_typing": True}
+    assert compile_options(old_api, torch.bfloat16) == {"enabled_precisions": {torch.bfloat16}}
+
+
 def test_export_step_writes_program_and_sidecar(dae, tmp_path):
     paths = export_step(dae, SHAPE, tmp_path / "step", mu=1.5, sigma=0.5, max_batch=64,
                         onnx=False, source={"checkpoint": "test"})
