@@ -183,3 +183,21 @@ def test_kill_and_resume_subprocess(tiny_model, tmp_path):
     summary = json.loads((killed / "summary.json").read_text())
     assert summary["resumed"] >= 8 and summary["ok"] == 60
     assert not list(killed.rglob(".*part*"))  # no temporary files left behind
+
+
+def test_auto_runs_the_reference_on_small_jobs(tiny_model, image_folder, tmp_path, caplog,
+                                               monkeypatch):
+    import apudae_engine.pipeline as pipeline
+
+    made = []
+    real = pipeline.Purifier.from_pretrained
+    monkeypatch.setattr(pipeline.Purifier, "from_pretrained", lambda *a, **k: (
+        made.append(k["backend"]), real(*a, **k))[1])
+    with caplog.at_level("INFO"):
+        purify_folder(FolderJob(image_folder, tmp_path / "a", model=tiny_model, device="cpu",
+                                backend="auto"))
+    assert made == ["reference"] and "too few to repay compiling" in caplog.text
+    monkeypatch.setattr(pipeline, "AUTO_MIN_IMAGES", 1)
+    purify_folder(FolderJob(image_folder, tmp_path / "b", model=tiny_model, device="cpu",
+                            backend="auto", precision="fp32"))
+    assert made[1] == "auto"
