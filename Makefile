@@ -9,7 +9,7 @@ install: .installed
 
 .installed: pyproject.toml
 	$(PIP) torch==2.13.0   # the CPU build; an unpinned torch would pull a multi-GB CUDA build
-	$(PIP) -e '.[test,triton,onnx,dali]' matplotlib   # DALI: its loader is tested on the CPU
+	$(PIP) -e '.[test,triton,onnx,dali,ray]' matplotlib   # DALI and Ray: tested on the CPU
 	# torchattacks declares torchvision and an old requests as dependencies, which would replace
 	# our torch build; its code imports neither, so it is installed without them.
 	$(PIP) --no-deps torchattacks==3.5.1

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from . import cli_backends, cli_evaluate
+from . import cli_backends, cli_evaluate, cli_ray
 
-REGISTER: list = [cli_evaluate.register, *cli_backends.REGISTER]
+REGISTER: list = [cli_evaluate.register, *cli_backends.REGISTER, cli_ray.register]

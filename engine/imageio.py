@@ -69,26 +69,48 @@ def _to_mode(im, channels: int):
 def load_image(path: Path, channels: int, size: tuple[int, int] | int | None = None,
                max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode ``path`` into a uint8 array (channels, H, W), resized to ``size`` (H, W) if given."""
+    return _decode(path, path, channels, size, max_pixels)
+
+
+def decode_image(data: bytes, name: str | Path, channels: int,
+                 size: tuple[int, int] | int | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """:func:`load_image` for a file already in memory (e.g. read by Ray); errors name ``name``."""
+    import io
+
+    return _decode(io.BytesIO(data), name, channels, size, max_pixels, len(data))
+
+
+def conform_image(im, channels: int, size: tuple[int, int] | int | None = None) -> np.ndarray:
+    """A Pillow image -> uint8 (channels, H, W) by the conversion policy, resized to ``size``."""
+    from PIL import Image
+
+    im = _to_mode(im, channels)
+    if size is not None:
+        hw = (size, size) if isinstance(size, int) else tuple(size)
+        if im.size != (hw[1], hw[0]):
+            im = im.resize((hw[1], hw[0]), Image.Resampling.BICUBIC, reducing_gap=None)
+    arr = np.asarray(im, dtype=np.uint8)
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    return np.ascontiguousarray(arr)
+
+
+def _decode(source, path: str | Path, channels: int, size: tuple[int, int] | int | None,
+            max_pixels: int, nbytes: int | None = None) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        if os.path.getsize(path) == 0:
+        if (os.path.getsize(source) if nbytes is None else nbytes) == 0:
             raise ImageError(f"{path}: empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(source) as im:
                 w, h = im.size
                 if w * h > max_pixels:
                     raise ImageError(f"{path}: {w}x{h} pixels exceeds the limit of {max_pixels} "
                                      "(possible decompression bomb; raise --max-pixels to allow)")
                 im.load()
-                im = _to_mode(im, channels)
-                if size is not None:
-                    hw = (size, size) if isinstance(size, int) else tuple(size)
-                    if im.size != (hw[1], hw[0]):
-                        im = im.resize((hw[1], hw[0]), Image.Resampling.BICUBIC,
-                                       reducing_gap=None)
-                arr = np.asarray(im, dtype=np.uint8)
+                return conform_image(im, channels, size)
     except ImageError:
         raise
     except UnidentifiedImageError:
@@ -102,8 +124,6 @@ def load_image(path: Path, channels: int, size: tuple[int, int] | int | None = N
         raise ImageError(f"{path}: cannot decode: {reason}") from None
     except (ValueError, SyntaxError, MemoryError) as exc:  # Pillow raises these for odd files
         raise ImageError(f"{path}: cannot decode: {exc}") from None
-    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    return np.ascontiguousarray(arr)
 
 
 def encode_png(arr: np.ndarray) -> bytes:
