@@ -218,6 +218,17 @@ def _batched(items: list, n: int) -> Iterator[list]:
 AUTO_MIN_IMAGES = 1000
 
 
+def _resumed_summary(job: FolderJob, total: int, todo: int, done: dict[str, dict]) -> Summary:
+    """The run's Summary before any work: the images recorded by an earlier run count as done."""
+    summary = Summary(total=total, resumed=total - todo)
+    summary.ok = summary.resumed
+    summary.flagged = sum(1 for r in done.values() if r.get("flagged"))
+    if summary.resumed:
+        log.info("resuming: %d of %d images already done in %s", summary.resumed, total,
+                 job.output_dir)
+    return summary
+
+
 def _auto_for_job_size(job: FolderJob, n_images: int) -> str:
     """``job.backend``, except that ``auto`` in fp32 runs the reference on small jobs."""
     if job.backend != "auto" or job.precision != "fp32" or n_images >= AUTO_MIN_IMAGES:
@@ -248,12 +259,7 @@ def purify_folder(job: FolderJob) -> Summary:
 
     rels = [f.relative_to(job.input_dir) for f in files]
     todo = [(f, r) for f, r in zip(files, rels) if str(r) not in done]
-    summary = Summary(total=len(files), resumed=len(files) - len(todo))
-    summary.ok = summary.resumed
-    summary.flagged = sum(1 for r in done.values() if r.get("flagged"))
-    if summary.resumed:
-        log.info("resuming: %d of %d images already done in %s", summary.resumed, len(files),
-                 job.output_dir)
+    summary = _resumed_summary(job, len(files), len(todo), done)
     log.info("purifying %d images from %s with %s (%s, %d steps) on %s", len(todo),
              job.input_dir, job.model, job.config.method, job.config.steps, device)
     preview: list[tuple[np.ndarray, np.ndarray]] = []

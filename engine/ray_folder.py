@@ -30,6 +30,7 @@ from .pipeline import (
     _finish,
     _load_classifier,
     _prepare_output,
+    _resumed_summary,
     _run_identity,
     output_name,
 )
@@ -66,12 +67,7 @@ def purify_folder_ray(job: FolderJob, address: str | None = None,
     identity["input"] = str(root)
     done = _prepare_output(job, identity)
     todo = [f for f in files if str(f.relative_to(root)) not in done]
-    summary = Summary(total=len(files), resumed=len(files) - len(todo))
-    summary.ok = summary.resumed
-    summary.flagged = sum(1 for r in done.values() if r.get("flagged"))
-    if summary.resumed:
-        log.info("resuming: %d of %d images already done in %s", summary.resumed, len(files),
-                 job.output_dir)
+    summary = _resumed_summary(job, len(files), len(todo), done)
     t_start, write_seconds = time.perf_counter(), 0.0
     if todo:
         ray = import_ray()
