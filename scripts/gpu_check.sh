@@ -44,6 +44,10 @@ else
   TESTS=(tests/kernels tests/engine/test_gpu.py tests/engine/test_backends.py
          tests/engine/test_step_graph.py tests/engine/test_reference.py)
 fi
+# Four pytest workers where pytest-xdist is installed: most of the tests stage is compiling
+# Triton kernels and Inductor graphs, which parallelises.
+XDIST=()
+if [ "$SMOKE" != 1 ] && "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n 4); fi
 START=$(date +%s)
 STAGES=("$@")
 [ ${#STAGES[@]} -eq 0 ] && STAGES=(env tests bench-rednet verify e2e bench-fmnist kernels jpeg
@@ -101,7 +105,8 @@ export -f env_info  # stage runs its command under timeout, in a new bash
 for s in "${STAGES[@]}"; do
   case $s in
     env) stage env 30 bash -c env_info ;;
-    tests) stage tests 180 "$PY" -m pytest -q -rs -p no:cacheprovider "${TESTS[@]}" ;;
+    tests) stage tests 180 "$PY" -m pytest -q -rs -p no:cacheprovider "${XDIST[@]}" \
+      "${TESTS[@]}" ;;
     bench-rednet) stage bench-rednet 200 "$PY" -m apudae_engine bench --device "$DEV" \
       --cases rednet30-32 --batch "$BATCH" --repeats "$REPEATS" --out "$OUT/bench_rednet30.json" ;;
     verify) stage verify 90 "$PY" -m apudae_engine verify --device "$DEV" --backend compiled \
