@@ -256,7 +256,9 @@ def test_other_methods_run_the_reference(case):
 # -- verify --every and the CLI -----------------------------------------------------------------
 
 
-def test_spot_check_runs_every_nth_batch(tiny_model):
+def test_spot_check_runs_every_nth_batch(tiny_model, caplog):
+    import dataclasses
+
     from apudae_engine.purifier import Purifier
 
     purifier = Purifier.from_pretrained(tiny_model)
@@ -268,6 +270,14 @@ def test_spot_check_runs_every_nth_batch(tiny_model):
     rec = check(2, purifier, x, ids, result)
     assert rec["max_abs_diff"] == 0.0 and rec["images"] == 3
     assert check.worst == 0.0 and len(check.records) == 1
+    # A backend that strays from the reference is measured and warned about.
+    wrong = dataclasses.replace(result, images=result.images.clone())
+    wrong.images[1, 0, 5, 7] += 0.25
+    with caplog.at_level(logging.WARNING, logger="apudae_engine.backends"):
+        rec = check(4, purifier, x, ids, wrong)
+    assert rec["max_abs_diff"] == pytest.approx(0.25, abs=1e-6)
+    assert check.worst == rec["max_abs_diff"] and len(check.records) == 2
+    assert "verify batch 4: max pixel diff 2.50e-01" in caplog.text
 
 
 def test_verify_command_passes_and_fails_on_tolerance(tiny_model, tmp_path, capsys):
@@ -285,6 +295,31 @@ def test_verify_command_passes_and_fails_on_tolerance(tiny_model, tmp_path, caps
     assert json.loads((tmp_path / "v.json").read_text())["passed"] is True
     assert main(args + ["--max-diff", "-1"]) == 1
     assert "FAILED" in capsys.readouterr().out
+
+
+def test_verify_fails_a_backend_that_strays_from_the_reference(case, monkeypatch):
+    """verify's numbers are measured: one pixel off by 0.5 in one batch fails it."""
+    from apudae_engine.verify import verify_backend
+
+    real = backends.get_backend
+
+    class Straying:
+        def purify(self, *args):
+            result = real("reference", "cpu").purify(*args)
+            if int(args[-1][0]) == 0:  # the first of two batches
+                result.images[1, 0, 3, 4] += 0.5
+            return result
+
+    monkeypatch.setattr(backends, "_cxx_compiler", lambda: "/usr/bin/g++")
+    monkeypatch.setattr(backends, "get_backend",
+                        lambda name, *a: Straying() if name == "compiled" else real(name, *a))
+    rep = verify_backend(case["dae"], case["x"][:8], case["mu"], case["sigma"], PurifyConfig(),
+                         "compiled", batch_size=4)
+    assert rep.max_abs_diff == pytest.approx(0.5, abs=1e-6)
+    assert rep.mean_abs_diff == pytest.approx(0.5 / (8 * 144), rel=1e-4)
+    assert rep.frac_over_1_255 == 1 / (8 * 144)
+    assert not rep.passed and [f.split()[0] for f in rep.failures] == ["max_abs_diff",
+                                                                       "mean_abs_diff"]
 
 
 def test_verify_command_unavailable_backend_is_one_line(tiny_model, capsys):

@@ -10,9 +10,12 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from synthetic import make_digits
 
+from apudae_engine.checkpoint import load_checkpoint
 from apudae_engine.cli import main
+from apudae_engine.reference import reconstruction_error
 
 
 def test_version_and_help_do_not_import_torch():
@@ -62,7 +65,12 @@ def test_train_calibrate_purify_workflow(fake_fashion, tmp_path, image_folder, c
     assert "calibrate" in capsys.readouterr().err
     assert main(["calibrate", "--model", str(stem)]) == 0
     cal = json.loads(stem.with_suffix(".json").read_text())["calibration"]
-    assert cal["n"] == 60 and cal["sigma"] > 0 and "train[55000:]" in cal["data"]
+    assert cal["n"] == 60 and "train[55000:]" in cal["data"]
+    # mu and sigma are the mean and std of r over exactly those 60 images (train[55000:]).
+    calib = torch.from_numpy(make_digits(100, seed=3)[:60]).float()[:, None] / 255
+    with torch.no_grad():
+        r = reconstruction_error(load_checkpoint(stem, "dae").model, calib).double()
+    assert (cal["mu"], cal["sigma"]) == pytest.approx((r.mean().item(), r.std().item()), rel=1e-5)
     assert main(["purify", "--input", str(image_folder), "--output", str(out), "--model",
                  str(stem), "--classifier", "none"]) == 0
     assert len(list(out.rglob("*.png"))) == 10
@@ -72,7 +80,13 @@ def test_train_classifier_records_test_accuracy(fake_fashion, tmp_path):
     stem = tmp_path / "c"
     assert main(["train-classifier", "--out", str(stem), "--limit", "64", "--epochs", "1"]) == 0
     metrics = json.loads(stem.with_suffix(".json").read_text())["training"]["metrics"]
-    assert 0 <= metrics["test_accuracy"] <= 1 and metrics["test_data"].startswith("fashion")
+    assert metrics["test_data"].startswith("fashion")
+    # The recorded number is the saved classifier's accuracy on the 40 test images.
+    clf = load_checkpoint(stem, "classifier").model
+    x = torch.from_numpy(make_digits(100, seed=3)[60:]).float()[:, None] / 255
+    with torch.no_grad():
+        correct = (clf(x).argmax(1) == torch.arange(40) % 10).sum().item()
+    assert metrics["test_accuracy"] == correct / 40
 
 
 def test_bad_model_is_one_line_error(image_folder, tmp_path, capsys):

@@ -27,11 +27,19 @@ def fashion_dir(tmp_path):
     rng = np.random.default_rng(0)
     root = tmp_path / "fmnist"
     root.mkdir()
-    write_idx(root / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (55010, 2, 2)))
+    # Train image i stores i in its first two pixels (low, high byte): a split shows its rows.
+    train = rng.integers(0, 256, (55010, 2, 2))
+    train[:, 0, 0], train[:, 0, 1] = np.arange(55010) % 256, np.arange(55010) // 256
+    write_idx(root / "train-images-idx3-ubyte.gz", train)
     write_idx(root / "train-labels-idx1-ubyte.gz", np.arange(55010) % 10)
     write_idx(root / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (7, 2, 2)))
     write_idx(root / "t10k-labels-idx1-ubyte.gz", np.arange(7) % 10)
     return root
+
+
+def _rows(data) -> list[int]:
+    """The train-file row of each image (see fashion_dir)."""
+    return (data.images[:, 0, 0, 0].long() + 256 * data.images[:, 0, 0, 1].long()).tolist()
 
 
 def test_fashion_mnist_splits_are_disjoint_and_shaped(fashion_dir):
@@ -39,7 +47,9 @@ def test_fashion_mnist_splits_are_disjoint_and_shaped(fashion_dir):
     calib = load_dataset("fashion-mnist", "calib", fashion_dir)
     test = load_dataset("fashion-mnist", "test", fashion_dir)
     assert train.images.shape == (55000, 1, 2, 2) and len(calib) == 10 and len(test) == 7
+    assert _rows(train) == list(range(55000)) and _rows(calib) == list(range(55000, 55010))
     assert calib.labels.tolist() == [(55000 + i) % 10 for i in range(10)]
+    assert test.labels.tolist() == [i % 10 for i in range(7)]
     assert train.images.dtype.is_floating_point is False
 
 

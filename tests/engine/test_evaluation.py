@@ -125,8 +125,9 @@ def test_cli_rejects_unknown_attacks_and_the_calib_split(quadrant_data, tmp_path
     args = ["evaluate", "--model", str(trained_model_folder()), "--out", str(tmp_path)]
     assert main([*args, "--attacks", "bim"]) == 2
     assert "unknown attack or defense bim" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         main([*args, "--split", "calib"])
+    assert exit_.value.code == 2 and "invalid choice: 'calib'" in capsys.readouterr().err
 
 
 def test_calibration_data_may_not_be_the_evaluation_data(monkeypatch, tmp_path):

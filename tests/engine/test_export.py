@@ -119,7 +119,9 @@ def test_export_command(tiny_model, tmp_path, capsys):
     assert rc == 0
     doc = json.loads((tmp_path / "x" / "step.json").read_text())
     assert doc["input"]["height"] == 28 and doc["calibration"]["mu"] > 0
-    assert doc["source"]["weights_sha256"]
+    dae_json = json.loads((tiny_model / "dae.json").read_text())
+    assert doc["source"]["weights_sha256"] == dae_json["weights_sha256"]
+    assert doc["calibration"]["mu"] == dae_json["calibration"]["mu"]
     assert (tmp_path / "x" / "step.pt2").is_file()
     assert "pt2:" in capsys.readouterr().out
 

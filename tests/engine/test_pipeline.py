@@ -11,11 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from synthetic import make_digits
 
 from apudae_engine.cli import main
-from apudae_engine.pipeline import FolderJob, purify_folder
+from apudae_engine.pipeline import FolderJob, path_identity, purify_folder
+from apudae_engine.purifier import Purifier
 
 
 def run_cli(*args: str) -> int:
@@ -48,6 +50,17 @@ def test_purify_writes_pngs_manifest_summary_and_preview(tiny_model, image_folde
         assert {"r_before", "r_after", "flagged", "active_steps", "label_before",
                 "label_after"} <= set(r)
         assert r["steps"] == 13
+    # The PNGs are the reference purifier's output, its noise keyed by the relative path.
+    purifier = Purifier.from_pretrained(tiny_model)
+    x = torch.stack([torch.from_numpy(np.array(Image.open(image_folder / r["path"])))[None]
+                     for r in recs]).float() / 255
+    ids = torch.tensor([path_identity(r["path"]) for r in recs])
+    ref = purifier.purify(x, ids)
+    got = np.stack([np.asarray(Image.open(out / r["output"]), np.int16) for r in recs])
+    assert np.abs(got - np.rint(ref.images[:, 0].numpy() * 255)).max() <= 1
+    assert not np.array_equal(got, np.rint(x[:, 0].numpy() * 255))
+    assert [r["r_before"] for r in recs] == pytest.approx(ref.error_before.tolist(), abs=1e-5)
+    assert [r["active_steps"] for r in recs] == ref.active_steps.tolist()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["ok"] == 10 and summary["failed"] == 0
     with Image.open(out / "preview.png") as im:
