@@ -212,9 +212,9 @@ def _batched(items: list, n: int) -> Iterator[list]:
         yield items[i:i + n]
 
 
-# ``auto`` compiles only for jobs at least this large. Compiling costs about 5 s on the CPU even
-# with warm caches (24 samples: 6.5 s compiled against 1.5 s reference), and the compiled loop
-# is about 2.5x the reference's ~100 img/s there, so it pays from roughly 800 images on.
+# ``auto`` compiles only for jobs at least this large. Compiling costs about 6 s on the CPU even
+# with warm caches, and the compiled loop is about 2.5x the reference's ~100 img/s there, so it
+# pays from roughly 1,000 images on (benchmarks/results/small_job_compile_cpu.md).
 AUTO_MIN_IMAGES = 1000
 
 
