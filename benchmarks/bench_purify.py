@@ -70,6 +70,25 @@ def _reference_seconds(case: str, batch: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+@functools.cache
+def _reference_result(case: str, batch: int):
+    dae, mu, sigma, x, ids, _ = _inputs(case, batch)
+    return get_backend("reference", DEVICE).purify(dae, x, mu, sigma, CONFIG, ids)
+
+
+def _check_against_reference(case: str, batch: int, name: str, precision: str) -> None:
+    """A backend is timed only if its output is the reference's, within verify's tolerances."""
+    from apudae_engine.verify import TOLERANCES
+
+    dae, mu, sigma, x, ids, _ = _inputs(case, batch)
+    got = get_backend(name, DEVICE, precision).purify(dae, x, mu, sigma, CONFIG, ids).images
+    diff = (got - _reference_result(case, batch).images).abs()
+    tol = TOLERANCES[precision]
+    assert float(diff.mean()) <= tol["mean_abs_diff"], (name, precision, float(diff.mean()))
+    if tol["max_abs_diff"] is not None:
+        assert float(diff.max()) <= tol["max_abs_diff"], (name, precision, float(diff.max()))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(("case", "batch"), SMALL + (BIG if HEAVY else []))
 def test_purify(benchmark, case: str, batch: int, backend: str) -> None:
@@ -78,6 +97,7 @@ def test_purify(benchmark, case: str, batch: int, backend: str) -> None:
     reason = unavailable_reason(name, DEVICE, precision)
     if reason:
         pytest.skip(reason)
+    _check_against_reference(case, batch, name, precision)
     run = _runner(case, batch, name, precision)
     benchmark.group = f"purify {case} batch {batch} on {DEVICE.type}"
     benchmark.pedantic(run, rounds=ROUNDS, iterations=1, warmup_rounds=1)
