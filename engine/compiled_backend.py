@@ -261,6 +261,14 @@ class CompiledCUDA:
     @torch.no_grad()
     def purify(self, x: torch.Tensor, ids: torch.Tensor, mu: float, sigma: float,
                config: PurifyConfig) -> PurifyResult:
+        # Batches are padded up to a power of two, so a run's last, partial batch (or a batch
+        # short of its failed files) replays a captured loop instead of compiling and capturing
+        # a new one. Each image's result depends only on itself, so padding changes nothing.
+        n = x.shape[0]
+        bucket = batch_bucket(n)
+        if bucket > n:
+            x = torch.cat([x, x[:1].expand(bucket - n, *x.shape[1:])])
+            ids = torch.cat([ids, ids[:1].expand(bucket - n)])
         key = (tuple(x.shape), float(mu), float(sigma), config)
         loop = self._loops.pop(key, None)
         if loop is None:
@@ -268,7 +276,15 @@ class CompiledCUDA:
         self._loops[key] = loop
         while len(self._loops) > _CUDA_LOOPS_KEPT:
             self._loops.popitem(last=False)
-        return loop.run(x, ids)
+        res = loop.run(x, ids)
+        if bucket == n:
+            return res
+        return PurifyResult(res.images[:n], res.error_before[:n], res.active_steps[:n])
+
+
+def batch_bucket(n: int) -> int:
+    """The captured batch size that serves ``n`` images: the next power of two, at least 2."""
+    return max(2, 1 << (n - 1).bit_length())
 
 
 _ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -365,6 +365,31 @@ def test_auto_falls_back_to_the_reference_when_compiling_fails(case, monkeypatch
 
 
 @pytest.mark.slow
+def test_partial_batches_replay_the_loop_of_their_power_of_two(case):
+    """The CUDA engine pads a batch to the next power of two: 5, 7 and 8 images share one
+    loop (on a GPU, one capture), and each result is the unpadded reference's."""
+    pytest.importorskip("triton", reason="install the 'triton' extra")
+    from apudae_engine.compiled_backend import CompiledCUDA, batch_bucket
+    from apudae_engine.step_graph import StepGraph
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CPU tensors need the Triton interpreter (set only without a GPU)")
+    assert [batch_bucket(n) for n in (1, 2, 3, 5, 8, 9, 512, 513)] == [2, 2, 4, 8, 8, 16, 512,
+                                                                         1024]
+    config = PurifyConfig(steps=3, seed=4)
+    engine = CompiledCUDA(case["dae"], torch.float32, torch.device("cpu"),
+                          step_fn=StepGraph(case["dae"]).eval())
+    for n, start in ((5, 0), (7, 5), (8, 12)):
+        x, ids = case["x"][case["order"][start:start + n]], torch.arange(start, start + n)
+        got = engine.purify(x, ids, case["mu"], case["sigma"], config)
+        assert got.images.shape == x.shape
+        with torch.no_grad():
+            want = adaptive_purify(case["dae"], x, case["mu"], case["sigma"], config, ids)
+        _assert_close(got, want)
+    assert [key[0][0] for key in engine._loops] == [8]
+
+
+@pytest.mark.slow
 def test_fixed_shape_loop_with_the_triton_update_matches_reference(case):
     """The CUDA loop (step graph + fused Triton update), run uncaptured on the CPU through the
     Triton interpreter: same arguments and order as on a GPU."""
