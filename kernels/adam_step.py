@@ -32,6 +32,24 @@ def adam_math(
 
 
 @triton.jit
+def adam_update_store(
+    g, offs, mask, p_ptr, m_ptr, v_ptr, p_out, m_out, v_out,
+    beta1, one_minus_beta1, beta2, one_minus_beta2, bias2_sqrt, step_size, eps
+):
+    """Load the parameter and moments at ``offs``, take the Adam step with gradient ``g``
+    (float32) and store all three in their outputs' dtypes."""
+    p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
+    p, m, v = adam_math(
+        p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, bias2_sqrt, step_size, eps
+    )
+    tl.store(p_out + offs, cast_to(p, p_out.dtype.element_ty), mask=mask)
+    tl.store(m_out + offs, cast_to(m, m_out.dtype.element_ty), mask=mask)
+    tl.store(v_out + offs, cast_to(v, v_out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _adam_step_kernel(
     param_ptr,
     grad_ptr,
@@ -52,16 +70,11 @@ def _adam_step_kernel(
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    p = tl.load(param_ptr + offs, mask=mask).to(tl.float32)
     g = tl.load(grad_ptr + offs, mask=mask).to(tl.float32)
-    m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
-    v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
-    p, m, v = adam_math(
-        p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, bias2_sqrt, step_size, eps
+    adam_update_store(
+        g, offs, mask, param_ptr, m_ptr, v_ptr, param_out, m_out, v_out,
+        beta1, one_minus_beta1, beta2, one_minus_beta2, bias2_sqrt, step_size, eps,
     )
-    tl.store(param_out + offs, cast_to(p, param_out.dtype.element_ty), mask=mask)
-    tl.store(m_out + offs, cast_to(m, m_out.dtype.element_ty), mask=mask)
-    tl.store(v_out + offs, cast_to(v, v_out.dtype.element_ty), mask=mask)
 
 
 def adam_scalars(step: int, lr: float, beta1: float, beta2: float, eps: float) -> dict:

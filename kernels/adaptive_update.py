@@ -23,7 +23,7 @@ from ._triton_utils import (
     prepare,
     uniform_from_key,
 )
-from .adam_step import adam_math, adam_scalars
+from .adam_step import adam_scalars, adam_update_store
 
 
 @triton.jit(do_not_specialize=["key_base", "step"])
@@ -76,15 +76,10 @@ def _adaptive_update_kernel(
         tl.store(x_out + offs, cast_to(x + amp * u, x_out.dtype.element_ty), mask=mask)
 
     g = hinge * tl.load(grad_r_ptr + offs, mask=mask).to(tl.float32)
-    p = tl.load(delta_ptr + offs, mask=mask).to(tl.float32)
-    m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
-    v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
-    p, m, v = adam_math(
-        p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, bias2_sqrt, step_size, eps
+    adam_update_store(
+        g, offs, mask, delta_ptr, m_ptr, v_ptr, delta_out, m_out, v_out,
+        beta1, one_minus_beta1, beta2, one_minus_beta2, bias2_sqrt, step_size, eps,
     )
-    tl.store(delta_out + offs, cast_to(p, delta_out.dtype.element_ty), mask=mask)
-    tl.store(m_out + offs, cast_to(m, m_out.dtype.element_ty), mask=mask)
-    tl.store(v_out + offs, cast_to(v, v_out.dtype.element_ty), mask=mask)
 
 
 def adaptive_update_triton(
