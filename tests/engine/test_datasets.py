@@ -146,6 +146,14 @@ def test_image_folder_without_files(tmp_path):
         load_dataset(f"folder:{tmp_path / 'e'}", "train")
 
 
+def test_image_folder_with_an_unreadable_first_image_names_it(tmp_path):
+    (tmp_path / "f" / "a").mkdir(parents=True)
+    (tmp_path / "f" / "a" / "0.png").write_bytes(b"not an image")
+    Image.new("L", (8, 8)).save(tmp_path / "f" / "a" / "1.png")
+    with pytest.raises(UserError, match=r"0\.png: cannot read the image"):
+        load_dataset(f"folder:{tmp_path / 'f'}", "train")
+
+
 def test_unknown_dataset_and_split():
     with pytest.raises(UserError, match="unknown dataset"):
         load_dataset("imagenet-22k", "train")
