@@ -19,9 +19,9 @@ import time
 import pytest
 import torch
 
-from apudae_engine.backends import get_backend, unavailable_reason
-from apudae_engine.bench import CASES, hardware, load_case, step_flops, tune_cpu_allocator
-from apudae_engine.config import PurifyConfig
+from apudae_engine.backends.selection import get_backend, unavailable_reason
+from apudae_engine.method.config import PurifyConfig
+from apudae_engine.perf.bench import CASES, hardware, load_case, step_flops, tune_cpu_allocator
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 HEAVY = os.environ.get("APUDAE_BENCH_HEAVY") == "1"
@@ -33,7 +33,7 @@ if DEVICE.type == "cuda":
 BACKENDS = ["reference", "compiled:fp32", "compiled:bf16", "tensorrt:fp16"]
 ROUNDS = 3
 if DEVICE.type == "cpu":
-    tune_cpu_allocator()  # for every backend alike; see apudae_engine.bench
+    tune_cpu_allocator()  # for every backend alike; see apudae_engine.perf.bench
 
 
 def _sync() -> None:
@@ -78,7 +78,7 @@ def _reference_result(case: str, batch: int):
 
 def _check_against_reference(case: str, batch: int, name: str, precision: str) -> None:
     """A backend is timed only if its output is the reference's, within verify's tolerances."""
-    from apudae_engine.verify import TOLERANCES
+    from apudae_engine.perf.verify import TOLERANCES
 
     dae, mu, sigma, x, ids, _ = _inputs(case, batch)
     got = get_backend(name, DEVICE, precision).purify(dae, x, mu, sigma, CONFIG, ids).images

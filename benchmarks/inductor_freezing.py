@@ -16,9 +16,9 @@ import time
 import torch
 import torch._inductor.config as inductor_config
 
-from apudae_engine.bench import CASES, load_case
-from apudae_engine.compiled_backend import CompiledCPU
-from apudae_engine.config import PurifyConfig
+from apudae_engine.backends.compiled import CompiledCPU
+from apudae_engine.method.config import PurifyConfig
+from apudae_engine.perf.bench import CASES, load_case
 
 
 def main() -> None:

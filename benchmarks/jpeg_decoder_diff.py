@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from apudae_engine.bench_e2e import machine, smooth_images
-from apudae_engine.loaders import _unavailable, get_loader
-from apudae_engine.purifier import resolve_device
+from apudae_engine.backends.purifier import resolve_device
+from apudae_engine.images.loaders import _unavailable, get_loader
+from apudae_engine.perf.bench_e2e import machine, smooth_images
 
 
 def make_set(folder: Path) -> list[tuple[Path, dict]]:

@@ -24,9 +24,9 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from apudae_engine.backends import get_backend
-from apudae_engine.bench import CASES, load_case, tune_cpu_allocator
-from apudae_engine.config import PurifyConfig
+from apudae_engine.backends.selection import get_backend
+from apudae_engine.method.config import PurifyConfig
+from apudae_engine.perf.bench import CASES, load_case, tune_cpu_allocator
 
 GROUPS = [
     ("conv input-gradient", ("convolution_backward",)),

@@ -8,7 +8,7 @@ and transposed convolution of the DAE, in the forward pass and in the input grad
 gradient flowing into each one is rounded too), runs the reference adaptive purification with
 and without the rounding, and prints the differences in the terms of ``apudae-engine verify``.
 It is why the engine runs "fp32" as IEEE float32 on GPUs
-(``apudae_engine.hardware.ieee_fp32_convolutions``).
+(``apudae_engine.core.host.ieee_fp32_convolutions``).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import copy
 
 import torch
 
-from apudae_engine.checkpoint import load_checkpoint
-from apudae_engine.config import PurifyConfig
-from apudae_engine.reference import adaptive_purify
-from apudae_engine.verify import TOLERANCES, folder_images
+from apudae_engine.method.checkpoint import load_checkpoint
+from apudae_engine.method.config import PurifyConfig
+from apudae_engine.method.purification import adaptive_purify
+from apudae_engine.perf.verify import TOLERANCES, folder_images
 
 
 def tf32(t: torch.Tensor) -> torch.Tensor:

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._version import __version__
+from apudae_engine._version import __version__
 
 _LAZY = {
-    "Purifier": ("apudae_engine.purifier", "Purifier"),
-    "PurifyConfig": ("apudae_engine.config", "PurifyConfig"),
-    "purify_folder": ("apudae_engine.pipeline", "purify_folder"),
-    "FolderJob": ("apudae_engine.pipeline", "FolderJob"),
+    "Purifier": ("apudae_engine.backends.purifier", "Purifier"),
+    "PurifyConfig": ("apudae_engine.method.config", "PurifyConfig"),
+    "purify_folder": ("apudae_engine.folder.local", "purify_folder"),
+    "FolderJob": ("apudae_engine.folder.local", "FolderJob"),
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -3,6 +3,6 @@ console script (an uninstalled checkout on ``PYTHONPATH``)."""
 
 import sys
 
-from .cli import main
+from apudae_engine.cli.main import main
 
 sys.exit(main())

@@ -89,7 +89,7 @@ env_info() {
   nvidia-smi || true
   "$PY" - <<'EOF'
 import importlib, json, torch
-from apudae_engine.hardware import gpu_info
+from apudae_engine.core.host import gpu_info
 info = {"torch": torch.__version__, "cuda_available": torch.cuda.is_available(), **gpu_info()}
 for mod in ("triton", "torchvision", "onnxruntime", "torchattacks", "nvidia.dali",
             "torch_tensorrt", "pytest_benchmark", "hypothesis"):
@@ -112,10 +112,10 @@ for s in "${STAGES[@]}"; do
       --cases rednet30-32 --batch "$BATCH" --repeats "$REPEATS" --out "$OUT/bench_rednet30.json" ;;
     verify) stage verify 90 "$PY" -m apudae_engine verify --device "$DEV" --backend compiled \
       "${VERIFY_SOURCE[@]}" --limit "$LIMIT" ;;
-    e2e) stage e2e 150 "$PY" -m apudae_engine.bench_e2e --device "$DEV" "${E2E[@]}" \
+    e2e) stage e2e 150 "$PY" -m apudae_engine.perf.bench_e2e --device "$DEV" "${E2E[@]}" \
       --batch "$BATCH" --loaders $LOADERS --workers "$WORKERS" --backend compiled \
       --json "$OUT/e2e.json" ;;
-    e2e-224) stage e2e-224 90 "$PY" -m apudae_engine.bench_e2e --device "$DEV" "${E2E224[@]}" \
+    e2e-224) stage e2e-224 90 "$PY" -m apudae_engine.perf.bench_e2e --device "$DEV" "${E2E224[@]}" \
       --loaders $LOADERS --workers "$WORKERS" --backend compiled --json "$OUT/e2e_224.json" ;;
     bench-fmnist) stage bench-fmnist 120 "$PY" -m apudae_engine bench --device "$DEV" \
       --cases fmnist,fmnist-perturbed --batch "$BATCH" --repeats "$REPEATS" \

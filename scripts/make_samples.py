@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from apudae_engine.checkpoint import load_checkpoint
-from apudae_engine.datasets import load_dataset
-from apudae_engine.imageio import encode_png, to_uint8, write_atomic
+from apudae_engine.images.codec import encode_png, to_uint8, write_atomic
+from apudae_engine.images.datasets import load_dataset
+from apudae_engine.method.checkpoint import load_checkpoint
 
 
 def main() -> None:

@@ -15,10 +15,10 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from apudae_engine.calibration import error_statistics
-from apudae_engine.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
-from apudae_engine.datasets import ImageSet
-from apudae_engine.models import REDNet, SmallCNN
+from apudae_engine.images.datasets import ImageSet
+from apudae_engine.method.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
+from apudae_engine.method.models import REDNet, SmallCNN
+from apudae_engine.training.calibration import error_statistics
 
 
 def make_quadrant_task(n: int, seed: int = 0, size: int = 28) -> tuple[torch.Tensor, torch.Tensor]:

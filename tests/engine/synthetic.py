@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from apudae_engine.calibration import error_statistics
-from apudae_engine.checkpoint import CheckpointMeta, save_checkpoint
-from apudae_engine.models import REDNet, SmallCNN
+from apudae_engine.method.checkpoint import CheckpointMeta, save_checkpoint
+from apudae_engine.method.models import REDNet, SmallCNN
+from apudae_engine.training.calibration import error_statistics
 
 
 def make_digits(n: int, seed: int = 0, size: int = 28) -> np.ndarray:

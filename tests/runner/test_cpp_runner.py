@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from apudae_engine.config import PurifyConfig
-from apudae_engine.models import REDNet
-from apudae_engine.reference import adaptive_purify, reconstruction_error
+from apudae_engine.method.config import PurifyConfig
+from apudae_engine.method.models import REDNet
+from apudae_engine.method.purification import adaptive_purify, reconstruction_error
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(shutil.which("cmake") is None or shutil.which("c++") is None,
@@ -32,8 +32,8 @@ def runner(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def packaged(tmp_path_factory):
-    from apudae_engine.aoti import package_step
-    from apudae_engine.export import export_step
+    from apudae_engine.backends.aoti import package_step
+    from apudae_engine.backends.export import export_step
 
     torch.manual_seed(0)
     dae = REDNet(channels=1, layers=2, width=8).eval()

@@ -1,0 +1,307 @@
+"""The ``compiled`` backend: torch.compile of the step graph and of the fused update.
+
+One adaptive step is ``r, dr/dy = StepGraph(x + delta)`` followed by noise, hinge weight and
+Adam (``apudae_kernels.reference.adaptive_update_ref``). Here both halves are compiled:
+
+- CPU: the forward (r and the saved pre-activations) and the input gradient are two compiled
+  graphs, so the gradient is taken only for images whose hinge is active (r > mu). The
+  others' gradient is multiplied by an exact zero in the reference, so skipping it changes
+  nothing, and on clean data most images are inactive. The update is a third compiled graph
+  (one fused loop: counter-based noise, hinge, Adam). Feature maps are channels-last.
+- CUDA: the whole step graph is compiled, the update is the fused Triton kernel
+  ``apudae_kernels.adaptive_update.adaptive_update_triton``, and the fixed-shape loop of
+  ``steps`` iterations is captured once per batch shape as one CUDA graph and replayed.
+
+The noise is the reference's counter-based hash keyed by (seed, image id, step), written in
+int64 torch ops with the step as a tensor, so every step reuses one compiled graph and the
+result equals the reference to float tolerance with the noise on.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from apudae_engine.backends.step_graph import StepGraph
+from apudae_engine.method.config import PurifyConfig
+from apudae_engine.method.purification import PurifyResult
+from apudae_kernels.reference import (
+    _GOLDEN,  # the seed constant of the noise keys; the hash must match bit for bit
+    MASK32,
+    hinge_weight_ref,
+    mix32,
+    noise_amplitude_ref,
+)
+
+log = logging.getLogger(__name__)
+_CUDA_LOOPS_KEPT = 4  # captured CUDA graphs kept per DAE (one per batch shape)
+
+
+def image_keys(seed: int, image_ids: torch.Tensor) -> torch.Tensor:
+    """The step-independent part of ``noise_keys``: (N,) int64 in [0, 2**32)."""
+    ids = image_ids.to(torch.int64) & MASK32
+    k = mix32(torch.full_like(ids, (int(seed) & MASK32) ^ _GOLDEN))
+    return mix32(k ^ ids)
+
+
+def step_noise(keys: torch.Tensor, step: torch.Tensor, numel: int,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``uniform_noise_ref`` with the step as an int64 tensor: (N, numel) in [-1, 1)."""
+    k = mix32((keys + step) & MASK32).unsqueeze(1)
+    idx = torch.arange(numel, device=keys.device, dtype=torch.int64).unsqueeze(0)
+    h = mix32(mix32(k ^ idx))
+    u = (h >> 8).to(torch.float32) * (1.0 / 16777216.0)
+    return (2.0 * u - 1.0).to(dtype)
+
+
+@dataclass(frozen=True)
+class UpdateConstants:
+    """The per-run constants of the adaptive update (everything but the step)."""
+
+    mu: float
+    sigma: float
+    eps_n: float
+    max_scale: float
+    beta1: float
+    beta2: float
+    eps: float
+    noise: bool
+
+
+def adaptive_update(x, delta, m, v, r, grad_r, keys, step, step_size, bias2_sqrt,
+                    c: UpdateConstants):
+    """``adaptive_update_ref`` on (N, C, H, W) tensors with the step-dependent scalars as
+    tensors: ``step`` (int64), ``step_size`` = lr / (1 - beta1**t) and ``bias2_sqrt`` =
+    sqrt(1 - beta2**t) (float32, rounded from float64 like the reference's Python floats)."""
+    n = x.shape[0]
+    if c.noise:
+        amp = noise_amplitude_ref(r, c.mu, c.sigma, c.eps_n, c.max_scale).to(x.dtype)
+        u = step_noise(keys, step, x[0].numel(), x.dtype).view_as(x)
+        x = x + amp.view(n, 1, 1, 1) * u
+    g = hinge_weight_ref(r, c.mu, c.sigma).to(grad_r.dtype).view(n, 1, 1, 1) * grad_r
+    m = m * c.beta1 + g * (1.0 - c.beta1)
+    v = v * c.beta2 + g * g * (1.0 - c.beta2)
+    denom = v.sqrt() / bias2_sqrt + c.eps
+    return x, delta - step_size * (m / denom), m, v
+
+
+def step_scalars(config: PurifyConfig, device: torch.device) -> list[tuple[torch.Tensor, ...]]:
+    """(step, step_size, bias2_sqrt) tensors for t = 1..steps."""
+    out = []
+    for t in range(1, config.steps + 1):
+        step_size = config.lr / (1.0 - config.beta1**t)
+        bias2_sqrt = (1.0 - config.beta2**t) ** 0.5
+        out.append((torch.tensor(t, dtype=torch.int64, device=device),
+                    torch.tensor(step_size, dtype=torch.float32, device=device),
+                    torch.tensor(bias2_sqrt, dtype=torch.float32, device=device)))
+    return out
+
+
+def constants(config: PurifyConfig, mu: float, sigma: float) -> UpdateConstants:
+    return UpdateConstants(float(mu), float(sigma), config.noise_eps, config.noise_max_scale,
+                           config.beta1, config.beta2, config.adam_eps, config.noise)
+
+
+class _Residual(nn.Module):
+    def __init__(self, graph: StepGraph) -> None:
+        super().__init__()
+        self.graph = graph
+
+    def forward(self, x: torch.Tensor, delta: torch.Tensor):
+        return self.graph.residual(x + delta)
+
+
+class _Gradient(nn.Module):
+    def __init__(self, graph: StepGraph) -> None:
+        super().__init__()
+        self.graph = graph
+
+    def forward(self, e, go, pre, idx):
+        return self.graph.gradient(e[idx], go[idx], [p[idx] for p in pre])
+
+
+def _batch_dynamic(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+
+
+class CompiledCPU:
+    """The compiled loop on the CPU for one DAE and precision (see the module doc)."""
+
+    def __init__(self, dae: nn.Module, dtype: torch.dtype) -> None:
+        graph = StepGraph(dae, dtype).eval()
+        graph.net.channels_last = True
+        self.residual = torch.compile(_Residual(graph))
+        self.gradient = torch.compile(_Gradient(graph))
+        self._updates: dict[UpdateConstants, object] = {}
+
+    def _update(self, c: UpdateConstants):
+        if c not in self._updates:
+            self._updates[c] = torch.compile(functools.partial(adaptive_update, c=c))
+        return self._updates[c]
+
+    @torch.no_grad()
+    def purify(self, x: torch.Tensor, ids: torch.Tensor, mu: float, sigma: float,
+               config: PurifyConfig) -> PurifyResult:
+        update = self._update(constants(config, mu, sigma))
+        keys = image_keys(config.seed, ids)
+        big_x, delta = x.clone(), torch.zeros_like(x)
+        m, v = torch.zeros_like(x), torch.zeros_like(x)
+        n = x.shape[0]
+        active_steps = torch.zeros(n, dtype=torch.int64)
+        error_before = None
+        for step, step_size, bias2_sqrt in step_scalars(config, x.device):
+            _batch_dynamic(big_x, delta)
+            r, e, go, pre = self.residual(big_x, delta)
+            if error_before is None:
+                error_before = r.clone()
+            active = r > mu
+            active_steps += active
+            grad = torch.zeros_like(x)
+            idx = active.nonzero().squeeze(1)
+            if idx.numel():
+                if idx.numel() == 1:  # a batch of one would recompile (size-1 specialisation)
+                    idx = idx.repeat(2)
+                _batch_dynamic(idx, e, go, *pre)
+                grad.index_copy_(0, idx, self.gradient(e, go, pre, idx))
+            _batch_dynamic(big_x, delta, m, v, r, grad, keys)
+            big_x, delta, m, v = update(big_x, delta, m, v, r, grad, keys, step, step_size,
+                                        bias2_sqrt)
+        out = big_x + delta
+        return PurifyResult(out.clamp(0, 1) if config.clip else out, error_before, active_steps)
+
+
+class FixedShapeLoop:
+    """The whole ``steps``-iteration loop for one batch shape: ``step_fn`` (y -> r, dr/dy)
+    and the fused Triton update, captured as one CUDA graph when ``capture`` (the default on
+    CUDA). Uncaptured it also runs on the CPU under TRITON_INTERPRET=1 (tests)."""
+
+    def __init__(self, step_fn, shape: torch.Size, device: torch.device, mu: float,
+                 sigma: float, config: PurifyConfig, capture: bool | None = None) -> None:
+        from apudae_kernels.adaptive_update import adaptive_update_triton
+
+        self._update = adaptive_update_triton
+        self.step_fn, self.mu, self.sigma, self.config = step_fn, mu, sigma, config
+        self.x = torch.zeros(shape, device=device)
+        self.ids = torch.zeros(shape[0], dtype=torch.int64, device=device)
+        self.graph = None
+        if capture if capture is not None else device.type == "cuda":
+            self._capture(device)
+
+    def _capture(self, device: torch.device) -> None:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):  # warm-up: compiles the graph and the Triton kernel
+            self.loop()
+        caller = torch.cuda.current_stream(device)
+        caller.wait_stream(side)
+        try:
+            graph = torch.cuda.CUDAGraph()
+            # thread_local, not the default global mode: the folder pipeline decodes the next
+            # batch on another thread (cudaMalloc, copies, DALI/nvJPEG) while the first batch
+            # of a shape is captured, and global mode fails those calls and the capture.
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self.outputs = self.loop()
+            self.graph = graph
+        except RuntimeError as exc:  # keep working, only slower
+            log.warning("CUDA graph capture failed (%s); running the loop uncaptured",
+                        str(exc).splitlines()[0])
+        finally:
+            # torch.cuda.graph leaves its capture stream current when capture_end raises;
+            # later work must run on the caller's stream, ordered with the other threads'.
+            torch.cuda.set_stream(caller)
+
+    def loop(self):
+        c = self.config
+        big_x, delta = self.x.clone(), torch.zeros_like(self.x)
+        m, v = torch.zeros_like(self.x), torch.zeros_like(self.x)
+        active_steps = torch.zeros(self.x.shape[0], dtype=torch.int64, device=self.x.device)
+        error_before = None
+        for t in range(1, c.steps + 1):
+            r, grad = self.step_fn(big_x + delta)
+            if error_before is None:
+                error_before = r.clone()
+            active_steps += r > self.mu
+            big_x, delta, m, v = self._update(
+                big_x, delta, grad, m, v, r, self.ids, c.seed, t, self.mu, self.sigma,
+                c.noise_eps, c.noise_max_scale, c.lr, c.beta1, c.beta2, c.adam_eps, c.noise,
+                inplace=True)
+        out = big_x + delta
+        return out.clamp(0, 1) if c.clip else out, error_before, active_steps
+
+    def run(self, x: torch.Tensor, ids: torch.Tensor) -> PurifyResult:
+        self.x.copy_(x)
+        self.ids.copy_(ids)
+        if self.graph is None:
+            out, err, act = self.loop()
+        else:
+            self.graph.replay()
+            out, err, act = self.outputs
+        return PurifyResult(out.clone(), err.clone(), act.clone())
+
+
+class CompiledCUDA:
+    """The compiled loop on a GPU: compiled step graph, Triton update, CUDA graph replay."""
+
+    def __init__(self, dae: nn.Module, dtype: torch.dtype, device: torch.device,
+                 step_fn=None) -> None:
+        if step_fn is None:
+            graph = StepGraph(dae, dtype).eval().to(device)
+            step_fn = torch.compile(graph)
+        self.step_fn, self.device = step_fn, device
+        self._loops: OrderedDict[tuple, FixedShapeLoop] = OrderedDict()
+
+    @torch.no_grad()
+    def purify(self, x: torch.Tensor, ids: torch.Tensor, mu: float, sigma: float,
+               config: PurifyConfig) -> PurifyResult:
+        # Batches are padded up to a power of two, so a run's last, partial batch (or a batch
+        # short of its failed files) replays a captured loop instead of compiling and capturing
+        # a new one. Each image's result depends only on itself, so padding changes nothing.
+        n = x.shape[0]
+        bucket = batch_bucket(n)
+        if bucket > n:
+            x = torch.cat([x, x[:1].expand(bucket - n, *x.shape[1:])])
+            ids = torch.cat([ids, ids[:1].expand(bucket - n)])
+        key = (tuple(x.shape), float(mu), float(sigma), config)
+        loop = self._loops.pop(key, None)
+        if loop is None:
+            loop = FixedShapeLoop(self.step_fn, x.shape, self.device, mu, sigma, config)
+        self._loops[key] = loop
+        while len(self._loops) > _CUDA_LOOPS_KEPT:
+            self._loops.popitem(last=False)
+        res = loop.run(x, ids)
+        if bucket == n:
+            return res
+        return PurifyResult(res.images[:n], res.error_before[:n], res.active_steps[:n])
+
+
+def batch_bucket(n: int) -> int:
+    """The captured batch size that serves ``n`` images: the next power of two, at least 2."""
+    return max(2, 1 << (n - 1).bit_length())
+
+
+_ENGINES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def engine_for(dae: nn.Module, device: torch.device, dtype: torch.dtype):
+    """The compiled engine of ``dae`` (built once per DAE, device and dtype).
+
+    The DAE's weights are copied (BatchNorm folded) when the engine is built; a DAE changed
+    in place afterwards needs a new module object.
+    """
+    per_dae = _ENGINES.setdefault(dae, {})
+    key = (str(device), dtype)
+    if key not in per_dae:
+        log.info("compiling the purification step for this DAE on %s (%s); the first batch "
+                 "takes longer", device, str(dtype).removeprefix("torch."))
+        if device.type == "cuda":
+            per_dae[key] = CompiledCUDA(dae, dtype, device)
+        else:
+            per_dae[key] = CompiledCPU(dae, dtype)
+    return per_dae[key]

@@ -1,0 +1,122 @@
+"""Export the step graph (r and dr/dy per image) as a torch.export program and as ONNX.
+
+``export_step`` writes ``<stem>.pt2`` (``torch.export.save``), ``<stem>.onnx`` and
+``<stem>.json``, a sidecar naming the model's hash, its calibration (mu, sigma), the input
+shape and the dynamic batch range, so a serving runtime can run the purification loop around
+the graph (the update is ``apudae_kernels.reference.adaptive_update_ref``).
+
+Graph signature: ``images`` float32 (N, C, H, W) in [0, 1] -> ``r`` float32 (N,) and ``grad``
+float32 (N, C, H, W) = dr/d(images); N is dynamic in [1, max_batch].
+
+Example::
+
+    paths = export_step(dae, (1, 28, 28), "out/fmnist_step", mu=2.67, sigma=1.53)
+    program = torch.export.load(paths["pt2"]).module()
+    r, grad = program(images)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from apudae_engine._version import __version__
+from apudae_engine.backends.step_graph import StepGraph
+from apudae_engine.core.errors import UserError
+
+log = logging.getLogger(__name__)
+FORMAT = "apudae-engine/step-graph"
+INPUT_NAMES, OUTPUT_NAMES = ["images"], ["r", "grad"]
+
+
+def model_hash(model: nn.Module) -> str:
+    """SHA-256 of a model's state (names, dtypes, shapes and bytes, in name order)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def export_program(dae: nn.Module, input_shape: tuple[int, int, int], max_batch: int = 4096,
+                   dtype: torch.dtype = torch.float32,
+                   device: str | torch.device = "cpu") -> torch.export.ExportedProgram:
+    """The step graph of ``dae`` as a torch.export program with a dynamic batch dimension."""
+    graph = StepGraph(dae, dtype).to(device).eval()
+    example = torch.rand(2, *input_shape, device=device)
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    with torch.no_grad():
+        return torch.export.export(graph, (example,), dynamic_shapes={"y": {0: batch}})
+
+
+def export_step(dae: nn.Module, input_shape: tuple[int, int, int], stem: str | Path,
+                mu: float | None = None, sigma: float | None = None, max_batch: int = 4096,
+                onnx: bool = True, opset: int = 18,
+                source: dict[str, Any] | None = None) -> dict[str, Path]:
+    """Write ``<stem>.pt2``, ``<stem>.onnx`` (unless ``onnx=False``) and ``<stem>.json``.
+
+    Args:
+        dae: an eval-mode REDNet.
+        input_shape: (C, H, W) of the images the graph takes.
+        mu, sigma: the DAE's calibration, recorded in the sidecar.
+        max_batch: upper bound of the dynamic batch dimension.
+        source: extra sidecar fields (for example the checkpoint's path and weights hash).
+    Returns the paths written, keyed ``pt2``, ``onnx``, ``json``.
+    """
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    program = export_program(dae, input_shape, max_batch)
+    paths = {"pt2": stem.with_suffix(".pt2")}
+    torch.export.save(program, paths["pt2"])
+    if onnx:
+        paths["onnx"] = stem.with_suffix(".onnx")
+        export_onnx(dae, input_shape, paths["onnx"], max_batch, opset)
+    paths["json"] = stem.with_suffix(".json")
+    doc = {
+        "format": FORMAT,
+        "engine": __version__,
+        "torch": torch.__version__,
+        "model_sha256": model_hash(dae),
+        "calibration": {"mu": mu, "sigma": sigma},
+        "input": {"channels": input_shape[0], "height": input_shape[1],
+                  "width": input_shape[2], "dtype": "float32", "value_range": [0.0, 1.0]},
+        "batch": {"min": 1, "max": max_batch},
+        "inputs": INPUT_NAMES,
+        "outputs": OUTPUT_NAMES,
+        "files": {k: p.name for k, p in paths.items() if k != "json"},
+        "onnx_opset": opset if onnx else None,
+        "source": source or {},
+    }
+    paths["json"].write_text(json.dumps(doc, indent=2) + "\n")
+    return paths
+
+
+def export_onnx(dae: nn.Module, input_shape: tuple[int, int, int], path: str | Path,
+                max_batch: int = 4096, opset: int = 18) -> Path:
+    """The step graph as ONNX (inputs ``images``, outputs ``r``, ``grad``; dynamic batch)."""
+    try:
+        import onnx  # noqa: F401  (the exporter needs it; fail with an install hint)
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise UserError("ONNX export needs onnx and onnxscript; pip install "
+                        "'apudae-engine[onnx]' (or pass --no-onnx)") from None
+    graph = StepGraph(dae).cpu().eval()
+    example = torch.rand(2, *input_shape)
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    # The exporter prints progress to stdout; keep it for the debug log only.
+    buf = io.StringIO()
+    with torch.no_grad(), contextlib.redirect_stdout(buf):
+        torch.onnx.export(graph, (example,), str(path), dynamo=True, opset_version=opset,
+                          dynamic_shapes={"y": {0: batch}}, input_names=INPUT_NAMES,
+                          output_names=OUTPUT_NAMES)
+    log.debug("%s", buf.getvalue())
+    return Path(path)

@@ -1,0 +1,106 @@
+"""``apudae-engine evaluate``: accuracy under standard and defense-aware attacks."""
+
+from __future__ import annotations
+
+import argparse
+
+# Mirrors of the attack and evaluation names, kept here so that building the parser
+# (and --version, --help) never imports torch; EvalConfig validates the real lists.
+_LIBRARY = "fgsm,rfgsm,pgd,pgd-l2,cw-l2,deepfool,autoattack"
+_AWARE = "pgd-eot,bpda,bpda-dae,below-mu"
+_DEFENSES = ("none", "direct", "iterative", "adaptive", "adaptive-compat")
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return () if text.strip().lower() in ("", "none") else tuple(
+        t.strip() for t in text.split(",") if t.strip())
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(t) for t in _names(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") \
+            from None
+
+
+def _cmd_evaluate(a: argparse.Namespace) -> int:
+    import torch
+
+    from apudae_engine.evaluation.config import EvalConfig
+    from apudae_engine.evaluation.run import evaluate
+
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    kw = {} if a.attacks is None else {"attacks": _names(a.attacks)}
+    if a.aware_attacks is not None:
+        kw["aware_attacks"] = _names(a.aware_attacks)
+    if a.defenses is not None:
+        kw["defenses"] = _names(a.defenses)
+    config = EvalConfig(
+        model=a.model, classifier=a.classifier, dataset=a.dataset, data_dir=a.data_dir,
+        split=a.split, limit=a.limit, aware_limit=a.aware_limit, aware_target=a.aware_target,
+        eps=a.eps, eps_l2=a.eps_l2, sweep=a.sweep, sweep_limit=a.sweep_limit, steps=a.steps,
+        aware_steps=a.aware_steps, eot=a.eot, square_queries=a.square_queries,
+        batch_size=a.batch, aware_batch_size=a.aware_batch, seed=a.seed, quick=a.quick,
+        device=a.device, backend=a.backend, out_dir=a.out, examples=a.examples, **kw)
+    results = evaluate(config)
+    s = results["settings"]
+    print(f"evaluated {s['n']} images of {s['data']} in {s['wall_seconds']:.0f} s -> "
+          f"{a.out}/results.md")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate", help="accuracy under attack with and without purification",
+        description="Attack the classifier (oblivious) and the purifier (defense-aware), then "
+                    "score every defense on every attack. Writes results.json, results.md, "
+                    "per_image.npz and plots to --out.")
+    p.add_argument("--model", default="fmnist", help="bundled model name or DAE checkpoint path")
+    p.add_argument("--classifier", default=None, help="classifier checkpoint (default: the one "
+                   "beside the DAE)")
+    p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist, mnist, cifar10 or "
+                   "folder:PATH")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--split", default="test", choices=("test", "train"))
+    p.add_argument("--limit", type=int, default=None, help="first N images (default: all; "
+                   "200 with --quick)")
+    p.add_argument("--out", default="runs/eval", help="output folder (default runs/eval)")
+    p.add_argument("--quick", action="store_true", help="a few hundred images and small "
+                   "budgets (CI)")
+    p.add_argument("--attacks", default=None, help="oblivious attacks, comma-separated or "
+                   f"'none' (default: {_LIBRARY})")
+    p.add_argument("--aware-attacks", default=None, help="defense-aware attacks or 'none' "
+                   f"(default: {_AWARE})")
+    p.add_argument("--aware-limit", type=int, default=None, help="images for defense-aware "
+                   "attacks (default 500; 32 with --quick)")
+    p.add_argument("--aware-target", default="adaptive", choices=_DEFENSES[1:],
+                   help="defense the defense-aware attacks are crafted against")
+    p.add_argument("--defenses", default=None, help=f"columns (default: {','.join(_DEFENSES)})")
+    p.add_argument("--eps", type=float, default=None, help="L-inf eps (default: dataset "
+                   "convention, 0.1 for 28x28 data, 8/255 for CIFAR-10)")
+    p.add_argument("--eps-l2", type=float, default=None, help="L2 eps (default 1.5 for 28x28 "
+                   "data, 0.5 for CIFAR-10)")
+    p.add_argument("--sweep", type=_floats, default=None, help="L-inf eps values for the PGD "
+                   "sweep plot, comma-separated or 'none'")
+    p.add_argument("--sweep-limit", type=int, default=None, help="images for the sweep "
+                   "(default 1000)")
+    p.add_argument("--steps", type=int, default=None, help="steps of iterative library attacks "
+                   "(default: PGD 40, C&W 100, DeepFool 50, AutoAttack 100)")
+    p.add_argument("--aware-steps", type=int, default=None, help="steps of defense-aware "
+                   "attacks (default: PGD-EOT 20, BPDA 40, below-mu 100)")
+    p.add_argument("--eot", type=int, default=None, help="noise draws per gradient (default 4)")
+    p.add_argument("--square-queries", type=int, default=None, help="AutoAttack Square queries "
+                   "(default 5000)")
+    p.add_argument("--batch", type=int, default=250)
+    p.add_argument("--aware-batch", type=int, default=32, help="batch for defense-aware attacks "
+                   "(the unrolled graph holds every step)")
+    p.add_argument("--examples", type=int, default=8, help="images in examples.png")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--backend", default="reference", help="purification backend for scoring "
+                   "the defenses: reference (default, the specification), auto, compiled, ...; "
+                   "attacks always differentiate through the reference")
+    p.set_defaults(func=_cmd_evaluate)

@@ -1,0 +1,1 @@
+"""Robustness evaluation: the attack registry, evaluation runs and their reports."""

@@ -1,0 +1,115 @@
+"""Settings of an evaluation run: which attacks, defenses, images and budgets.
+
+Epsilons follow each dataset's conventions unless given: 28x28 grey data (Fashion-MNIST,
+MNIST) L-inf 0.1 and L2 1.5, CIFAR-10 L-inf 8/255 and L2 0.5. ``quick`` shrinks everything to
+a CI-sized smoke run.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import dataclass, replace
+
+from apudae_engine.core.errors import UserError
+from apudae_engine.evaluation.attacks import DEFENSE_AWARE_ATTACKS, LIBRARY_ATTACKS, AttackSpec
+
+DEFENSES = ("none", "direct", "iterative", "adaptive", "adaptive-compat")
+# (L-inf eps, L2 eps, L-inf sweep) by dataset, following the field's conventions.
+EPSILONS = {"fashion-mnist": (0.1, 1.5, (0.05, 0.1, 0.2, 0.3)),
+            "mnist": (0.1, 1.5, (0.05, 0.1, 0.2, 0.3)),
+            "cifar10": (8 / 255, 0.5, (2 / 255, 4 / 255, 8 / 255, 16 / 255))}
+QUICK_STEPS = {"pgd": 10, "pgd-l2": 10, "cw-l2": 20, "deepfool": 5, "autoattack": 10,
+               "pgd-eot": 3, "bpda": 5, "bpda-dae": 5, "below-mu": 10}
+_ITERATIVE_LIBRARY = ("pgd", "pgd-l2", "cw-l2", "deepfool", "autoattack")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """One evaluation run; ``apudae-engine evaluate --help`` describes each field.
+
+    None fields take the dataset's conventions (eps) or the mode's defaults (``quick``: 200
+    images, 32 for defense-aware attacks, 100 for the eps sweep, small step counts, one EOT
+    draw, 100 Square queries).
+    """
+
+    model: str = "fmnist"
+    classifier: str | None = None
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    split: str = "test"
+    limit: int | None = None
+    attacks: tuple[str, ...] = LIBRARY_ATTACKS
+    aware_attacks: tuple[str, ...] = DEFENSE_AWARE_ATTACKS
+    aware_limit: int | None = None
+    aware_target: str = "adaptive"
+    defenses: tuple[str, ...] = DEFENSES
+    eps: float | None = None
+    eps_l2: float | None = None
+    sweep: tuple[float, ...] | None = None
+    sweep_limit: int | None = None
+    steps: int | None = None
+    aware_steps: int | None = None
+    eot: int | None = None
+    square_queries: int | None = None
+    batch_size: int = 250
+    aware_batch_size: int = 32
+    seed: int = 0
+    quick: bool = False
+    device: str = "cpu"
+    backend: str = "reference"
+    out_dir: str = "runs/eval"
+    examples: int = 8
+    command: str | None = None
+
+    def __post_init__(self) -> None:
+        unknown = [a for a in self.attacks if a not in LIBRARY_ATTACKS]
+        unknown += [a for a in self.aware_attacks if a not in DEFENSE_AWARE_ATTACKS]
+        unknown += [d for d in self.defenses if d not in DEFENSES]
+        if unknown:
+            raise UserError(f"unknown attack or defense {', '.join(unknown)}; attacks: "
+                            f"{', '.join(LIBRARY_ATTACKS)}; defense-aware: "
+                            f"{', '.join(DEFENSE_AWARE_ATTACKS)}; defenses: {', '.join(DEFENSES)}")
+        if self.split == "calib":
+            raise UserError("the calib split holds the data mu/sigma were computed on; evaluate "
+                            "on --split test")
+        if self.aware_attacks and self.aware_target not in DEFENSES[1:]:
+            raise UserError(f"--aware-target must be a purifying defense "
+                            f"({', '.join(DEFENSES[1:])}), got {self.aware_target!r}")
+        for name in ("limit", "aware_limit", "sweep_limit", "steps", "aware_steps", "eot",
+                     "square_queries"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.batch_size < 1 or self.aware_batch_size < 1:
+            raise UserError("batch sizes must be at least 1")
+
+    def resolved(self) -> EvalConfig:
+        """Fill the None fields from the dataset's conventions and the mode's defaults."""
+        eps, eps_l2, sweep = EPSILONS.get(self.dataset, (None, None, ()))
+        if (self.eps or eps) is None or (self.eps_l2 or eps_l2) is None:
+            raise UserError(f"no epsilon convention for dataset {self.dataset!r}; give --eps "
+                            "and --eps-l2")
+        q = self.quick
+        return replace(
+            self, eps=self.eps or eps, eps_l2=self.eps_l2 or eps_l2,
+            sweep=self.sweep if self.sweep is not None else (
+                sweep[:3] if q else sweep),
+            limit=self.limit or (200 if q else None),
+            aware_limit=self.aware_limit or (32 if q else 500),
+            sweep_limit=self.sweep_limit or (min(self.limit or 200, 100) if q else 1000),
+            eot=self.eot or (1 if q else 4),
+            square_queries=self.square_queries or (100 if q else 5000),
+            command=self.command or " ".join(shlex.quote(a) for a in ["apudae-engine",
+                                                                      *sys.argv[1:]]))
+
+    def attack_spec(self, name: str, eps: float | None = None) -> AttackSpec:
+        """Attack ``name`` under this run's budgets (``eps`` replaces the threat model's)."""
+        aware = name in DEFENSE_AWARE_ATTACKS
+        steps = self.aware_steps if aware else (
+            self.steps if name in _ITERATIVE_LIBRARY else None)
+        if steps is None and self.quick:
+            steps = QUICK_STEPS.get(name)
+        default_eps = self.eps_l2 if name in ("pgd-l2", "cw-l2", "deepfool") else self.eps
+        return AttackSpec(name, eps=eps or default_eps, steps=steps, seed=self.seed,
+                          eot=self.eot if aware else 1, square_queries=self.square_queries)

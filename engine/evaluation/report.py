@@ -1,0 +1,278 @@
+"""Output of an evaluation: results.json, results.md and small PNG plots (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from apudae_engine.core.errors import BackendUnavailable
+
+log = logging.getLogger(__name__)
+
+ROW_LABELS = {"clean": "clean", "noise": "uniform noise", "fgsm": "FGSM", "rfgsm": "R-FGSM",
+              "pgd": "PGD", "pgd-l2": "PGD-L2", "cw-l2": "C&W-L2", "deepfool": "DeepFool",
+              "autoattack": "AutoAttack", "pgd-eot": "PGD-EOT, full gradient",
+              "bpda": "BPDA, identity backward",
+              "bpda-dae": "BPDA, DAE backward", "below-mu": "stay below mu"}
+DEFENSE_LABELS = {"none": "no defense", "direct": "direct DAE", "iterative": "iterative",
+                  "adaptive": "adaptive", "adaptive-compat": "adaptive (compat)"}
+
+
+def _short(path: str) -> str:
+    """A path relative to the working directory when it lies below it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return path
+
+
+def _machine(hw: dict[str, Any]) -> str:
+    parts = [hw["device"]]
+    if hw.get("cpu_cores"):
+        parts.append(f"{hw['cpu_cores']} cores")
+    parts.append(f"{hw['torch_threads']} torch threads")
+    if hw.get("load_average_at_end"):
+        load = " / ".join(f"{v:.1f}" for v in hw["load_average_at_end"])
+        parts.append(f"load average {load} at the end")
+    return ", ".join(parts)
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"
+
+
+def _row_label(name: str, entry: dict[str, Any]) -> str:
+    label = ROW_LABELS.get(name, name)
+    p, b = entry.get("perturbation"), entry.get("budget")
+    if p and p.get("eps") is not None:
+        norm = "L∞" if p["norm"] == "Linf" else "L2"
+        label += f" ({norm} {p['eps']:.3g}"
+        if b and b["steps"] > 1:
+            label += f", {b['steps']} steps"
+        if b and b.get("eot", 1) > 1:
+            label += f", EOT {b['eot']}"
+        label += ")"
+    return label
+
+
+def _accuracy_table(table: dict[str, Any], defenses: list[str]) -> list[str]:
+    head = ["input", *(DEFENSE_LABELS[d] for d in defenses), "AUC of r(x)", "flagged"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, e in table.items():
+        auc, rec = e["detection_auc"], e["reconstruction_error"]
+        label = (f"**worst case per image** over the {len(e['over'])} L∞ attacks above"
+                 if "over" in e else _row_label(name, e))
+        cells = [label, *(_pct(e["accuracy"][d]) for d in defenses),
+                 "–" if auc is None else f"{auc:.3f}", "–" if rec is None else _pct(rec["flagged"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _norms(p: dict[str, Any] | None) -> str:
+    return "–" if not p else f"{p['mean']:.3g} / {p['max']:.3g}"
+
+
+def _projected(budget: dict[str, Any], n: int) -> str:
+    count = budget["settings"].get("projected_count")
+    return "–" if count is None else f"{count} of {n}"
+
+
+def _budget_table(tables: list[dict[str, Any]]) -> list[str]:
+    head = ["attack", "norm", "eps", "steps", "EOT", "classifier fwd", "classifier grad",
+            "purifier fwd", "purifier bwd", "DAE fwd", "DAE bwd", "‖δ‖ mean / max",
+            "projected to eps", "attack time (s)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for table in tables:
+        for name, e in table.items():
+            b = e["budget"]
+            if b is None:
+                continue
+            per = b["per_image"]
+            cells = [ROW_LABELS.get(name, name), b["norm"], f"{b['eps']:.4g}", str(b["steps"]),
+                     str(b["eot"]), *(f"{per[k]:g}" for k in (
+                         "classifier_forward", "classifier_gradients", "purifier_forward",
+                         "purifier_backward", "dae_forward", "dae_backward")),
+                     _norms(e.get("perturbation")), _projected(b, e["n"]),
+                     f"{e['attack_seconds']:.1f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(results: dict[str, Any]) -> str:
+    s = results["settings"]
+    defenses = list(s["defenses"])
+    cal = s["calibration"]
+    hw = s["hardware"]
+    out = [f"# Robustness evaluation: {s['data']}", "",
+           f"Command: `{s['command']}`  ",
+           f"Wall time: {s['wall_seconds']:.0f} s on {hw['processor']} ({_machine(hw)}); "
+           f"engine {s['engine']}, torch {s['torch']}; "
+           f"defenses scored with the {s.get('defense_backend', 'reference')} backend.  ",
+           f"DAE `{_short(s['dae']['path'])}` ({s['dae']['arch']} {s['dae']['config']}, sha256 "
+           f"{s['dae']['sha256'][:12]}), classifier `{_short(s['classifier']['path'])}` (sha256 "
+           f"{s['classifier']['sha256'][:12]}).  ",
+           f"Calibration: mu = {cal['mu']:.4f}, sigma = {cal['sigma']:.4f} on {cal['data']}; "
+           f"flag threshold mu + k sigma = {cal['flag_threshold']:.4f}.  ",
+           f"Threat model: L∞ eps = {s['eps_linf']:.4g}, L2 eps = {s['eps_l2']:.4g} (PGD-L2, "
+           "C&W-L2, DeepFool; the minimal-norm C&W and DeepFool results are projected onto the "
+           "L2 ball). Uniform noise is ±L∞ eps. Seed "
+           f"{s['seed']}.", "",
+           "Cells are top-1 accuracy (%) over all images (misclassified clean images count as "
+           "errors). *AUC of r(x)*: ROC-AUC of the reconstruction error before purification, "
+           "clean versus that row's images (0.5 = no signal). *flagged*: share of that row's "
+           "images with r > mu + k sigma. *adaptive (compat)* runs the authors' code settings "
+           "(sigma forced to 0.5, no clipping to [0, 1]).", ""]
+    out += [f"## Oblivious attacks (crafted on the bare classifier), n = {s['n']}", ""]
+    out += _accuracy_table(results["oblivious"], defenses) + [""]
+    if "defense_aware" in results:
+        out += [f"## Defense-aware attacks (crafted against {s['aware_target']}), "
+                f"n = {s['aware_n']} (the first {s['aware_n']} images)", ""]
+        out += _accuracy_table(results["defense_aware"], defenses) + [""]
+    sw = results["sweep"]
+    if len(sw["eps"]) > 1:
+        out += [f"## Accuracy against PGD L∞ eps ({sw['steps']} steps), n = {sw['n']}", "",
+                "| eps | " + " | ".join(DEFENSE_LABELS[d] for d in defenses) + " |",
+                "|" + "---|" * (len(defenses) + 1)]
+        for i, eps in enumerate(sw["eps"]):
+            out.append(f"| {eps:.4g} | "
+                       + " | ".join(_pct(sw["accuracy"][d][i]) for d in defenses) + " |")
+        out.append("")
+    out += ["## Attack budgets (per image)", ""]
+    out += _budget_table([results["oblivious"], results.get("defense_aware", {})])
+    out += ["", "Purifier fwd/bwd: whole purification runs (all steps) and backward passes "
+            "through a whole unrolled run; DAE fwd/bwd: single DAE passes outside a run. "
+            "‖δ‖ in the attack's norm. *projected to eps*: minimal-norm results (C&W, DeepFool) "
+            "that exceeded eps and were scaled back onto the ball.", ""]
+    return "\n".join(out)
+
+
+def _plt():
+    try:
+        import matplotlib
+    except ImportError:
+        raise BackendUnavailable("plots need matplotlib; `pip install matplotlib` (or the "
+                                 "eval extra)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_sweep(results: dict[str, Any], path: Path) -> None:
+    plt = _plt()
+    sw = results["sweep"]
+    if len(sw["eps"]) < 2:
+        return
+    fig, ax = plt.subplots(figsize=(5, 3.4), dpi=90)
+    for d, acc in sw["accuracy"].items():
+        ax.plot(sw["eps"], [100 * a for a in acc], marker="o", label=DEFENSE_LABELS[d])
+    ax.set_xlabel("PGD L∞ eps")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(f"{results['settings']['data']}, n={sw['n']}", fontsize=9)
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_errors(raw: dict[str, Any], mu: float, sigma: float, path: Path) -> None:
+    plt = _plt()
+    # A panel per table that has attack rows (clean and noise alone say nothing new).
+    groups = [(t, rows) for t, rows in raw.items()
+              if any(r.name not in ("clean", "noise") for r in rows)]
+    if not groups:
+        return
+    fig, axes = plt.subplots(1, len(groups), figsize=(5 * len(groups), 3.4), dpi=90,
+                             squeeze=False)
+    for ax, (title, rows) in zip(axes[0], groups, strict=True):
+        errs = {r.name: r.cat()[1] for r in rows if r.name != "noise"}
+        allr = torch.cat(list(errs.values()))
+        lo = min(torch.quantile(allr, 0.005).item(), mu - 2 * sigma)
+        hi = max(torch.quantile(allr, 0.99).item(), mu + 4 * sigma)
+        for name, r in errs.items():
+            clean = name == "clean"
+            ax.hist(r.clamp(lo, hi).numpy(), bins=60, range=(lo, hi), density=True,
+                    histtype="stepfilled" if clean else "step", alpha=0.35 if clean else 1.0,
+                    color="gray" if clean else None, label=ROW_LABELS.get(name, name))
+        ax.axvline(mu, color="k", lw=1)
+        for k in (-1, 1):
+            ax.axvline(mu + k * sigma, color="k", lw=0.8, ls="--")
+        ax.set_xlabel("reconstruction error r(x) (mu solid, mu ± sigma dashed)")
+        ax.set_title(title.replace("_", "-"), fontsize=9)
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_examples(raw: dict[str, Any], target: str, path: Path) -> None:
+    """One image: rows clean | adversarial | purified, for one oblivious and one aware attack."""
+    plt = _plt()
+    obl = {r.name: r for r in raw["oblivious"]}
+    grid = [("clean", obl["clean"].examples["none"])]
+    aware = {r.name: r for r in raw.get("defense_aware", [])}
+    attacked = [n for n in obl if n not in ("clean", "noise")]
+    picks = [obl[n] for n in ("pgd", "fgsm", *attacked) if n in obl][:1]
+    picks += [aware[n] for n in ("pgd-eot", "bpda", "below-mu") if n in aware][:1]
+    for row in picks:
+        grid.append((ROW_LABELS[row.name], row.examples["none"]))
+        if target in row.examples:
+            grid.append((f"→ purified ({target})", row.examples[target]))
+    _, c, h, w = grid[0][1].shape
+    n = min(imgs.shape[0] for _, imgs in grid)
+    pad = 2
+    canvas = torch.ones(c, len(grid) * (h + pad), n * (w + pad))
+    for i, (_, imgs) in enumerate(grid):
+        for j in range(n):
+            canvas[:, i * (h + pad):i * (h + pad) + h, j * (w + pad):j * (w + pad) + w] = imgs[j]
+    img = canvas.clamp(0, 1).permute(1, 2, 0).numpy()
+    fig, ax = plt.subplots(figsize=(n * 0.55, 0.3 + len(grid) * 0.55), dpi=100)
+    ax.imshow(img[..., 0] if c == 1 else img, cmap="gray", vmin=0, vmax=1,
+              interpolation="nearest")
+    ax.set_yticks([i * (h + pad) + h / 2 for i in range(len(grid))],
+                  [label for label, _ in grid], fontsize=6)
+    ax.set_xticks([])
+    for side in ax.spines.values():
+        side.set_visible(False)
+    fig.savefig(path, bbox_inches="tight", pad_inches=0.05)
+    plt.close(fig)
+
+
+def save_per_image(raw: dict[str, Any], path: Path) -> None:
+    """Per-image outcomes (correct per defense, r) of every row, to recompute any table."""
+    import numpy as np
+
+    arrays = {}
+    for table, rows in raw.items():
+        for row in rows:
+            correct, r, norms = row.cat()
+            arrays[f"{table}/{row.name}/error"] = r.numpy()
+            if norms is not None:
+                arrays[f"{table}/{row.name}/norm"] = norms.numpy()
+            for d, v in correct.items():
+                arrays[f"{table}/{row.name}/correct/{d}"] = v.numpy()
+    np.savez_compressed(path, **arrays)
+
+
+def write_report(results: dict[str, Any], raw: dict[str, Any], purifier, out_dir: Path) -> None:
+    """Write results.json, results.md, per_image.npz, accuracy_vs_eps.png (when there is a
+    sweep), error_histogram.png and examples.png."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out_dir / "results.md").write_text(markdown(results) + "\n")
+    save_per_image(raw, out_dir / "per_image.npz")
+    try:
+        plot_sweep(results, out_dir / "accuracy_vs_eps.png")
+    except BackendUnavailable as exc:
+        log.warning("%s/results.json and results.md written; plots skipped: %s", out_dir, exc)
+        return
+    plot_errors(raw, purifier.mu, purifier.sigma, out_dir / "error_histogram.png")
+    plot_examples(raw, results["settings"]["aware_target"], out_dir / "examples.png")
+    log.info("wrote %s/results.json, results.md and plots", out_dir)

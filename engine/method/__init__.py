@@ -1,0 +1,1 @@
+"""The APuDAE method: settings, networks, checkpoints and the reference purification loop."""

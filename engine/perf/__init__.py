@@ -1,0 +1,1 @@
+"""Measuring the engine: throughput benchmarks and verify against the reference."""

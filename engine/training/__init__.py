@@ -1,0 +1,1 @@
+"""Training DAEs and classifiers, and calibrating mu and sigma on held-out data."""
