@@ -1,6 +1,6 @@
 """How far each loader's JPEG decoding is from Pillow's (libjpeg-turbo), the cpu policy.
 
-PNG is lossless, so every loader gives identical tensors (tests/engine/test_loaders.py). JPEG
+PNG is lossless, so every loader gives identical tensors (tests/engine/images/test_loaders.py). JPEG
 decoders may differ in IDCT and chroma upsampling; this measures it on generated JPEGs over
 qualities, chroma subsamplings, progressive coding, gray and colour, several sizes, at each
 file's own size (no resize), in 8-bit units.
@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from apudae_engine.backends.purifier import resolve_device
+from apudae_engine.core.host import resolve_device
 from apudae_engine.images.loaders import _unavailable, get_loader
 from apudae_engine.perf.bench_e2e import machine, smooth_images
 

@@ -8,7 +8,7 @@ and transposed convolution of the DAE, in the forward pass and in the input grad
 gradient flowing into each one is rounded too), runs the reference adaptive purification with
 and without the rounding, and prints the differences in the terms of ``apudae-engine verify``.
 It is why the engine runs "fp32" as IEEE float32 on GPUs
-(``apudae_engine.core.host.ieee_fp32_convolutions``).
+(``apudae_engine.core.numerics.ieee_fp32_convolutions``).
 """
 
 from __future__ import annotations

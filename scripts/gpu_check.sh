@@ -37,13 +37,13 @@ fi
 if [ "$SMOKE" = 1 ]; then
   DEV=cpu BATCH=8 LIMIT=16 LOADERS="cpu" REPEATS=1 WORKERS=2
   E2E=(--sizes 28 --count 64) E2E224=(--sizes 224 --count 4 --batch 2)
-  TESTS=(tests/engine/test_gpu.py)
+  TESTS=(tests/engine/backends/test_gpu.py)
 else
   DEV=cuda BATCH=512 LIMIT=512 LOADERS="cpu nvjpeg" REPEATS=3 WORKERS=8
   # Counts are multiples of the batch: a partial last batch would cost another graph capture.
   E2E=(--sizes 28 32 --count 8192 4096) E2E224=(--sizes 224 --count 512 --batch 64)
-  TESTS=(tests/kernels tests/engine/test_gpu.py tests/engine/test_backends.py
-         tests/engine/test_step_graph.py tests/engine/test_reference.py)
+  TESTS=(tests/kernels tests/engine/backends/test_gpu.py tests/engine/backends/test_backends.py
+         tests/engine/backends/test_step_graph.py tests/engine/method/test_reference.py)
 fi
 # Four pytest workers where pytest-xdist is installed: most of the tests stage is compiling
 # Triton kernels and Inductor graphs, which parallelises.

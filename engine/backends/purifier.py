@@ -9,22 +9,12 @@ import torch
 from torch import nn
 
 from apudae_engine.core.errors import UserError
+from apudae_engine.core.host import resolve_device
 from apudae_engine.method.checkpoint import Checkpoint, load_checkpoint
 from apudae_engine.method.config import PurifyConfig
 from apudae_engine.method.purification import PurifyResult, purify, reconstruction_error
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``auto``/None -> cuda when available, else cpu; explicit cuda without a GPU is an error."""
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device} requested but PyTorch sees no CUDA device here; "
-                        "use --device cpu or install a CUDA build of torch")
-    return dev
 
 
 class Purifier(nn.Module):
@@ -101,7 +91,7 @@ class Purifier(nn.Module):
 
             return get_backend(self.backend, x.device, self.precision).purify(
                 self.dae, x, self.mu, self.sigma, self.config, image_ids)
-        from apudae_engine.core.host import ieee_fp32_convolutions
+        from apudae_engine.core.numerics import ieee_fp32_convolutions
 
         with torch.no_grad(), ieee_fp32_convolutions(x.device):
             return purify(self.dae, x, self.config, self.mu, self.sigma, image_ids, False)

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from apudae_engine.core.errors import BackendUnavailable, UserError
-from apudae_engine.core.host import ieee_fp32_convolutions
+from apudae_engine.core.numerics import ieee_fp32_convolutions
 from apudae_engine.method.config import PurifyConfig
 from apudae_engine.method.purification import PurifyResult, image_fingerprint, purify
 

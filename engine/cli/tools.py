@@ -16,7 +16,7 @@ _PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def _device(name: str):
-    from apudae_engine.backends.purifier import resolve_device
+    from apudae_engine.core.host import resolve_device
 
     return resolve_device(name)
 
@@ -102,16 +102,10 @@ def register_verify(sub: argparse._SubParsersAction) -> None:
 
 
 def _classifier(spec: str | None, model: str, device):
-    from apudae_engine.method.checkpoint import BUNDLED_DIR, load_checkpoint
+    from apudae_engine.method.checkpoint import load_classifier
 
-    if spec is not None and spec.lower() == "none":
-        return None
-    if spec is None:
-        folder = BUNDLED_DIR / model if (BUNDLED_DIR / model).is_dir() else Path(model)
-        if not (folder.is_dir() and (folder / "classifier.json").is_file()):
-            return None
-        spec = str(folder)
-    return load_checkpoint(spec, "classifier").model.to(device)
+    ckpt = load_classifier(model, spec, device)
+    return None if ckpt is None else ckpt.model
 
 
 def _cmd_verify(a: argparse.Namespace) -> int:

@@ -1,14 +1,17 @@
-"""What a measurement ran on: the CPU model, the GPU and versions, recorded beside results."""
+"""The machine: device choice, and what a measurement ran on (CPU, GPU, versions)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import platform
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from apudae_engine._version import __version__
+from apudae_engine.core.errors import UserError
+from apudae_engine.core.numerics import conv_fp32_precision
 
 
 def cpu_model() -> str:
@@ -36,45 +39,49 @@ def gpu_info(device: torch.device | str | None = None) -> dict[str, Any]:
             "cuda": torch.version.cuda, "conv_fp32": conv_fp32_precision()}
 
 
-def conv_fp32_precision() -> str:
-    """How cuDNN runs float32 convolutions now: "tf32" or "ieee"."""
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    precision = getattr(conv, "fp32_precision", None)
-    if precision in (None, "none"):  # torch before 2.9, or the global default in charge
-        with contextlib.suppress(RuntimeError):
-            precision = "tf32" if torch.backends.cudnn.allow_tf32 else "ieee"
-    return precision or "unknown"
-
-
-@contextlib.contextmanager
-def ieee_fp32_convolutions(device: torch.device | str):
-    """Within the block, cuDNN runs float32 convolutions in IEEE float32, not TF32.
-
-    PyTorch's default on Ampere and later GPUs is TF32 (a 10-bit mantissa). Adam's steps have
-    the same size whatever the gradient's magnitude, so TF32's rounding grows over the loop:
-    simulated on the bundled model (benchmarks/tf32_drift.py), the mean pixel difference to
-    float32 was 4.7e-4 and 2.4 % of pixels moved by more than 1/255, beyond the fp32 verify
-    tolerances. So "fp32" in this engine means IEEE float32 on every device; bf16/fp16 are the
-    reduced precisions. The previous setting is restored on exit.
-    """
-    if torch.device(device).type != "cuda":
-        yield
-        return
-    conv = getattr(torch.backends.cudnn, "conv", None)
-    if conv is not None and hasattr(conv, "fp32_precision"):  # torch >= 2.9
-        old = conv.fp32_precision
-        conv.fp32_precision = "ieee"
-        try:
-            yield
-        finally:
-            conv.fp32_precision = old
-        return
-    cudnn = torch.backends.cudnn
-    with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark,
-                     deterministic=cudnn.deterministic, allow_tf32=False):
-        yield
-
-
 def load_average() -> list[float]:
     """The 1/5/15-minute load: how contended a timing on a shared machine was."""
     return [round(v, 2) for v in os.getloadavg()]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``auto``/None -> cuda when available, else cpu; explicit cuda without a GPU is an error."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device} requested but PyTorch sees no CUDA device here; "
+                        "use --device cpu or install a CUDA build of torch")
+    return dev
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for queued CUDA work on ``device`` (a no-op on the CPU): call inside timed regions."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def describe(device: torch.device | str = "cpu", packages: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The record stored beside every measurement: CPU, cores, threads, load, versions, GPU.
+
+    ``packages`` are optional modules whose versions are added (None when not installed).
+    """
+    import importlib
+    import platform
+
+    info: dict[str, Any] = {
+        "device": str(device), "cpu": cpu_model(), "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
+        "python": platform.python_version(), "torch": torch.__version__, "engine": __version__,
+        # Runs share machines: the load says how contended a timing was.
+        "load_average": load_average(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        **gpu_info(device),
+    }
+    for name in packages:
+        try:
+            info[name.split(".")[-1]] = getattr(importlib.import_module(name), "__version__", "?")
+        except ImportError:
+            info[name.split(".")[-1]] = None
+    return info

@@ -36,8 +36,9 @@ def _machine(hw: dict[str, Any]) -> str:
     if hw.get("cpu_cores"):
         parts.append(f"{hw['cpu_cores']} cores")
     parts.append(f"{hw['torch_threads']} torch threads")
-    if hw.get("load_average_at_end"):
-        load = " / ".join(f"{v:.1f}" for v in hw["load_average_at_end"])
+    loads = hw.get("load_average") or hw.get("load_average_at_end")  # older records
+    if loads:
+        load = " / ".join(f"{v:.1f}" for v in loads)
         parts.append(f"load average {load} at the end")
     return ", ".join(parts)
 

@@ -16,7 +16,6 @@ Example::
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -25,14 +24,15 @@ from typing import Any
 import torch
 
 from apudae_engine._version import __version__
-from apudae_engine.backends.purifier import Purifier, resolve_device
+from apudae_engine.backends.purifier import Purifier
 from apudae_engine.core.errors import UserError
-from apudae_engine.core.host import cpu_model, gpu_info, ieee_fp32_convolutions, load_average
+from apudae_engine.core.host import describe, resolve_device
+from apudae_engine.core.numerics import ieee_fp32_convolutions
 from apudae_engine.core.progress import progress
 from apudae_engine.evaluation.attacks import AttackBudget, AttackSpec, perturbation_norm, run_attack
 from apudae_engine.evaluation.config import EvalConfig
 from apudae_engine.images.datasets import load_dataset
-from apudae_engine.method.checkpoint import BUNDLED_DIR, load_checkpoint
+from apudae_engine.method.checkpoint import classifier_source, load_checkpoint
 from apudae_engine.method.config import PurifyConfig
 from apudae_engine.method.purification import purify, reconstruction_error
 
@@ -124,13 +124,10 @@ class Evaluator:
         c = self.config
         if c.classifier:
             return c.classifier
-        base = BUNDLED_DIR / c.model
-        folder = base if base.is_dir() else Path(c.model)
-        if not folder.is_dir():
-            folder = Path(c.model).parent
-        if not (folder / "classifier.json").is_file():
+        source = classifier_source(c.model)
+        if source is None:
             raise UserError(f"no classifier beside {c.model}; pass --classifier PATH")
-        return str(folder)
+        return str(source)
 
     def _inputs(self, row: str | AttackSpec, x: torch.Tensor, y: torch.Tensor, seed: int,
                 purifier: Purifier | None):
@@ -299,10 +296,7 @@ class Evaluator:
 
 
 def _hardware(device: torch.device) -> dict[str, Any]:
-    return {"device": str(device), "processor": cpu_model(), "cpu_cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            # Runs on a shared machine: the load at the end says how contended the timing was.
-            "load_average_at_end": load_average(), **gpu_info(device)}
+    return describe(device)  # taken at the end: the load says how contended the run was
 
 
 def _worst_case(rows: list[_Row]) -> dict[str, Any] | None:

@@ -32,13 +32,15 @@ import numpy as np
 import torch
 
 from apudae_engine._version import __version__
-from apudae_engine.backends.purifier import Purifier, resolve_device
+from apudae_engine.backends.purifier import Purifier
 from apudae_engine.backends.selection import SpotCheck, check_backend
 from apudae_engine.core.errors import UserError
+from apudae_engine.core.files import write_atomic
+from apudae_engine.core.host import resolve_device
 from apudae_engine.core.progress import progress
-from apudae_engine.images.codec import discover_images, encode_png, to_uint8, write_atomic
+from apudae_engine.images.codec import discover_images, encode_png, to_uint8
 from apudae_engine.images.loaders import BatchData, get_loader
-from apudae_engine.method.checkpoint import BUNDLED_DIR, load_checkpoint
+from apudae_engine.method.checkpoint import load_classifier
 from apudae_engine.method.config import PurifyConfig
 
 log = logging.getLogger(__name__)
@@ -122,18 +124,8 @@ def _check_folders(job: FolderJob) -> None:
 
 
 def _load_classifier(job: FolderJob, device: torch.device):
-    spec = job.classifier
-    if spec is not None and str(spec).lower() == "none":
-        return None
-    if spec is None:
-        # The bundled model (or a checkpoint folder) may carry a classifier beside the DAE.
-        base = BUNDLED_DIR / str(job.model)
-        folder = base if base.is_dir() else Path(job.model)
-        if not (folder.is_dir() and (folder / "classifier.json").is_file()):
-            return None
-        spec = folder
-    ckpt = load_checkpoint(spec, "classifier")
-    return ckpt.model.to(device), ckpt.meta.get("labels"), ckpt.weights_sha256
+    ckpt = load_classifier(job.model, job.classifier, device)
+    return None if ckpt is None else (ckpt.model, ckpt.meta.get("labels"), ckpt.weights_sha256)
 
 
 def _run_identity(job: FolderJob, purifier: Purifier, clf_sha: str | None) -> dict[str, Any]:
@@ -182,7 +174,7 @@ def _prepare_output(job: FolderJob, identity: dict[str, Any]) -> dict[str, dict]
             if r.get("status") == "ok" and (out / r["output"]).is_file()}
 
 
-_PART_FILE = re.compile(r"^\..+\.part\d+$")  # imageio.write_atomic's temporary names
+_PART_FILE = re.compile(r"^\..+\.part\d+$")  # core.files.write_atomic's temporary names
 
 
 def _remove_stale_parts(out: Path) -> int:

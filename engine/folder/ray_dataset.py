@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -90,17 +89,17 @@ class PurifyBatches:
                  device: str = "auto", backend: str = "reference", precision: str = "fp32",
                  classifier: str | Path | None = None, root: str | Path | None = None,
                  encode_png: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
-        from apudae_engine.backends.purifier import Purifier, resolve_device
-        from apudae_engine.folder.local import _load_classifier
+        from apudae_engine.backends.purifier import Purifier
+        from apudae_engine.core.host import resolve_device
+        from apudae_engine.method.checkpoint import load_classifier
 
         self.device = resolve_device(device)
         self.purifier = Purifier.from_pretrained(model, config, self.device, backend=backend,
                                                  precision=precision)
         if self.purifier.input_shape is None:
             raise UserError(f"{model}: checkpoint has no input shape")
-        # _load_classifier reads only these two fields of a FolderJob.
-        spec = SimpleNamespace(model=model, classifier=classifier)
-        self.clf, self.labels, _ = _load_classifier(spec, self.device) or (None, None, None)
+        clf = load_classifier(model, classifier, self.device)
+        self.clf, self.labels = (None, None) if clf is None else (clf.model, clf.meta.get("labels"))
         self.root = None if root is None else str(root)
         self.encode_png, self.max_pixels = encode_png, max_pixels
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from apudae_engine.backends.purifier import Purifier
 from apudae_engine.core.errors import UserError
+from apudae_engine.core.files import write_atomic
 from apudae_engine.core.progress import progress
 from apudae_engine.folder.local import (
     MANIFEST,
@@ -37,7 +38,7 @@ from apudae_engine.folder.local import (
     output_name,
 )
 from apudae_engine.folder.ray_dataset import import_ray, purify_dataset
-from apudae_engine.images.codec import discover_images, write_atomic
+from apudae_engine.images.codec import discover_images
 
 log = logging.getLogger(__name__)
 

@@ -138,15 +138,6 @@ def encode_png(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write through a temporary file and a rename, so a kill never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.part{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def to_uint8(x) -> np.ndarray:
     """Float tensor/array in [0, 1] (C, H, W) -> uint8, rounding to nearest."""
     a = x.detach().cpu().float().numpy() if hasattr(x, "detach") else np.asarray(x, np.float32)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
-from apudae_engine.images.codec import encode_png, write_atomic
+from apudae_engine.core.files import write_atomic
+from apudae_engine.images.codec import encode_png
 
 DIFF_GAIN = 8.0  # a few grey levels of change become visible
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from apudae_engine.core.errors import CheckpointError
+from apudae_engine.core.files import write_atomic
 from apudae_engine.method.models import arch_name, build_model, model_config
 
 FORMAT = "apudae-engine/checkpoint"
@@ -76,23 +76,6 @@ class CheckpointMeta:
             raise ValueError(f"input_shape must be (C, H, W), got {self.input_shape}")
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_checkpoint(model: nn.Module, stem: str | Path, meta: CheckpointMeta) -> Path:
     """Write ``<stem>.safetensors`` and ``<stem>.json``; returns the JSON path."""
     from safetensors.torch import save
@@ -102,7 +85,7 @@ def save_checkpoint(model: nn.Module, stem: str | Path, meta: CheckpointMeta) ->
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     weights = save(state)
     wpath = stem.with_suffix(".safetensors")
-    _atomic_write_bytes(wpath, weights)
+    write_atomic(wpath, weights)
     c, h, w = meta.input_shape
     doc = {
         "format": FORMAT,
@@ -119,7 +102,7 @@ def save_checkpoint(model: nn.Module, stem: str | Path, meta: CheckpointMeta) ->
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     jpath = stem.with_suffix(".json")
-    _atomic_write_bytes(jpath, (json.dumps(doc, indent=2) + "\n").encode())
+    write_atomic(jpath, (json.dumps(doc, indent=2) + "\n").encode())
     return jpath
 
 
@@ -127,7 +110,7 @@ def update_metadata(json_path: Path, **fields: Any) -> None:
     """Replace top-level metadata fields (for example ``calibration``) of a saved checkpoint."""
     doc = json.loads(Path(json_path).read_text())
     doc.update(fields)
-    _atomic_write_bytes(Path(json_path), (json.dumps(doc, indent=2) + "\n").encode())
+    write_atomic(Path(json_path), (json.dumps(doc, indent=2) + "\n").encode())
 
 
 def bundled_models() -> list[str]:
@@ -193,6 +176,37 @@ def load_checkpoint(name_or_path: str | Path, kind: str) -> Checkpoint:
     for prm in model.parameters():
         prm.requires_grad_(False)
     return Checkpoint(model=model, meta=meta, path=jpath)
+
+
+def classifier_source(model: str | Path, classifier: str | Path | None = None) -> Path | str | None:
+    """Where the classifier for ``model`` is: ``classifier`` itself when given, else the
+    ``classifier.json`` beside the DAE (a bundled model's folder, or the DAE's own folder);
+    None when ``classifier`` is ``"none"`` or the model has no classifier beside it."""
+    if classifier is not None:
+        return None if str(classifier).lower() == "none" else classifier
+    bundled = BUNDLED_DIR / str(model)
+    folder = bundled if bundled.is_dir() else Path(model)
+    if not folder.is_dir():
+        folder = folder.parent
+    return folder if (folder / "classifier.json").is_file() else None
+
+
+def load_classifier(model: str | Path = DEFAULT_MODEL, classifier: str | Path | None = None,
+                    device: str | torch.device = "cpu") -> Checkpoint | None:
+    """The classifier checkpoint that goes with ``model`` (see :func:`classifier_source`), its
+    module in eval mode on ``device``; None when there is none or ``classifier="none"``.
+
+    Example::
+
+        clf = load_classifier("fmnist").model          # the bundled Fashion-MNIST ResNet
+        logits = clf(images)                           # images (N, 1, 28, 28) in [0, 1]
+    """
+    source = classifier_source(model, classifier)
+    if source is None:
+        return None
+    ckpt = load_checkpoint(source, "classifier")
+    ckpt.model.to(device)
+    return ckpt
 
 
 def model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:

@@ -20,8 +20,6 @@ import ctypes
 import functools
 import json
 import logging
-import os
-import platform
 import statistics
 import time
 from dataclasses import dataclass
@@ -32,8 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from apudae_engine._version import __version__
-from apudae_engine.core.host import cpu_model, gpu_info, ieee_fp32_convolutions, load_average
+from apudae_engine.core.host import describe, load_average, synchronize
+from apudae_engine.core.numerics import ieee_fp32_convolutions
 from apudae_engine.method.config import PurifyConfig
 
 log = logging.getLogger(__name__)
@@ -88,34 +86,17 @@ def tune_cpu_allocator() -> str | None:
 
 def hardware(device: torch.device) -> dict[str, Any]:
     """What the numbers were measured on."""
-    info: dict[str, Any] = {
-        "cpu": cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "platform": platform.platform(), "python": platform.python_version(),
-        "torch": torch.__version__, "engine": __version__, "load_average": load_average(),
-        **gpu_info(device),
-    }
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    return info
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    return describe(device, packages=("triton",))
 
 
 def _best_seconds(fn, device: torch.device, repeats: int = 5) -> float:
     fn()
     times = []
     for _ in range(repeats):
-        _sync(device)
+        synchronize(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - t0)
     return min(times)
 
@@ -214,10 +195,10 @@ def load_case(case: Case, batch: int, device: torch.device):
 
 
 def time_purify(backend, dae, x, mu, sigma, config, ids, device):
-    _sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     res = backend.purify(dae, x, mu, sigma, config, ids)
-    _sync(device)
+    synchronize(device)
     return time.perf_counter() - t0, res
 
 

@@ -27,8 +27,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
-import platform
 import shutil
 import tempfile
 import time
@@ -38,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from apudae_engine.core.host import cpu_model, gpu_info
+from apudae_engine.core.host import describe, synchronize
 from apudae_engine.folder.local import FolderJob, path_identity, purify_folder
 from apudae_engine.images.loaders import LOADERS, _unavailable, get_loader
 
@@ -99,11 +97,6 @@ def random_rednet_checkpoint(stem: Path, size: int, layers: int, width: int,
         training={"command": "bench_e2e: random weights, not trained"}))
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _has_loader_field() -> bool:
     return "loader" in {f.name for f in dataclasses.fields(FolderJob)}
 
@@ -155,17 +148,17 @@ def bench_size(size: int, count: int, loaders: list[str], work: Path, batch: int
             decoded = []
             for i in range(0, len(files), batch):
                 decoded.append(loader.load_batch(files[i:i + batch], shape, 10**9).images)
-            _sync(device)
+            synchronize(device)
             t_decode = time.perf_counter() - t0
         compute(decoded[0][: min(batch, 64)], ids[: min(batch, 64)])  # warm-up
         e2e_runs = _has_loader_field() or name == "cpu"
         t_purify, e2e = float("inf"), None
         for _ in range(repeat):
-            _sync(device)
+            synchronize(device)
             t0 = time.perf_counter()
             for k, x in enumerate(decoded):
                 compute(x, ids[k * batch:k * batch + len(x)])
-            _sync(device)
+            synchronize(device)
             t_purify = min(t_purify, time.perf_counter() - t0)
             if e2e_runs:
                 run = _run_e2e(job, name, count)
@@ -198,21 +191,7 @@ def _run_e2e(job: FolderJob, loader: str, count: int) -> dict[str, Any]:
 
 def machine() -> dict[str, Any]:
     """Hardware and versions recorded with every result."""
-    import PIL
-
-    info = {"cpu": f"{cpu_model()} x{os.cpu_count()}", "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "pillow": PIL.__version__, "python": platform.python_version(),
-            "gpu": gpu_info().get("gpu"),
-            "dtype": "float32", "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
-    try:
-        import nvidia.dali
-
-        info["dali"] = nvidia.dali.__version__
-    except ImportError:
-        info["dali"] = None
-    return info
+    return {**describe(packages=("PIL", "nvidia.dali")), "dtype": "float32"}
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -246,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from apudae_engine.backends.purifier import resolve_device
+    from apudae_engine.core.host import resolve_device
 
     device = resolve_device(a.device)
     counts = a.count or [DEFAULT_COUNTS.get(s, 64) for s in a.sizes]

@@ -31,7 +31,7 @@ from apudae_engine.backends.selection import (
 )
 from apudae_engine.cli import main
 from apudae_engine.core.errors import BackendUnavailable
-from apudae_engine.core.host import ieee_fp32_convolutions
+from apudae_engine.core.numerics import ieee_fp32_convolutions
 from apudae_engine.method.config import PurifyConfig
 from apudae_engine.method.models import REDNet
 from apudae_engine.method.purification import adaptive_purify, reconstruction_error
@@ -493,7 +493,7 @@ def test_fp32_means_ieee_convolutions_on_gpus():
     """cuDNN's default TF32 convolutions drift over the Adam loop (see
     ieee_fp32_convolutions); the engine's backends run fp32 as IEEE float32 and restore the
     user's setting afterwards. The flag is plain state, so this runs without a GPU."""
-    from apudae_engine.core.host import conv_fp32_precision
+    from apudae_engine.core.numerics import conv_fp32_precision
 
     conv = torch.backends.cudnn.conv
     before = conv.fp32_precision

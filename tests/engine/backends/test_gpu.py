@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from apudae_engine.backends.selection import get_backend
-from apudae_engine.core.host import ieee_fp32_convolutions
+from apudae_engine.core.numerics import ieee_fp32_convolutions
 from apudae_engine.folder.local import FolderJob, purify_folder
 from apudae_engine.images.loaders import get_loader
 from apudae_engine.method.checkpoint import load_checkpoint

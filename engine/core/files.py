@@ -1,0 +1,38 @@
+"""Files written whole or not at all: every file the engine writes goes through here."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+PART_SUFFIX = ".part"  # temporary names are ".<name>.part<pid>" beside the target
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a fsynced temporary file and a rename.
+
+    After a crash the path holds either its old content or all of ``data``, never part of it:
+    the temporary file is flushed to disk before the rename makes it visible.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}{PART_SUFFIX}{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def sha256_file(path: Path) -> str:
+    """The SHA-256 hex digest of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
