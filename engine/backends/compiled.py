@@ -1,7 +1,8 @@
 """The ``compiled`` backend: torch.compile of the step graph and of the fused update.
 
 One adaptive step is ``r, dr/dy = StepGraph(x + delta)`` followed by noise, hinge weight and
-Adam (``apudae_kernels.reference.adaptive_update_ref``). Here both halves are compiled:
+Adam (``apudae_kernels.reference.adaptive_update_keyed``, the kernels' spec, compiled as is;
+nothing of the maths is restated here). Here both halves are compiled:
 
 - CPU: the forward (r and the saved pre-activations) and the input gradient are two compiled
   graphs, so the gradient is taken only for images whose hinge is active (r > mu). The
@@ -12,9 +13,9 @@ Adam (``apudae_kernels.reference.adaptive_update_ref``). Here both halves are co
   ``apudae_kernels.adaptive_update.adaptive_update_triton``, and the fixed-shape loop of
   ``steps`` iterations is captured once per batch shape as one CUDA graph and replayed.
 
-The noise is the reference's counter-based hash keyed by (seed, image id, step), written in
-int64 torch ops with the step as a tensor, so every step reuses one compiled graph and the
-result equals the reference to float tolerance with the noise on.
+The noise is the reference's counter-based hash keyed by (seed, image id, step), with the step
+as an int64 tensor, so every step reuses one compiled graph and the result equals the
+reference to float tolerance with the noise on.
 """
 
 from __future__ import annotations
@@ -31,33 +32,10 @@ from torch import nn
 from apudae_engine.backends.step_graph import StepGraph
 from apudae_engine.method.config import PurifyConfig
 from apudae_engine.method.purification import PurifyResult
-from apudae_kernels.reference import (
-    _GOLDEN,  # the seed constant of the noise keys; the hash must match bit for bit
-    MASK32,
-    hinge_weight_ref,
-    mix32,
-    noise_amplitude_ref,
-)
+from apudae_kernels.reference import adam_scalars, adaptive_update_keyed, image_keys, step_keys
 
 log = logging.getLogger(__name__)
 _CUDA_LOOPS_KEPT = 4  # captured CUDA graphs kept per DAE (one per batch shape)
-
-
-def image_keys(seed: int, image_ids: torch.Tensor) -> torch.Tensor:
-    """The step-independent part of ``noise_keys``: (N,) int64 in [0, 2**32)."""
-    ids = image_ids.to(torch.int64) & MASK32
-    k = mix32(torch.full_like(ids, (int(seed) & MASK32) ^ _GOLDEN))
-    return mix32(k ^ ids)
-
-
-def step_noise(keys: torch.Tensor, step: torch.Tensor, numel: int,
-               dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``uniform_noise_ref`` with the step as an int64 tensor: (N, numel) in [-1, 1)."""
-    k = mix32((keys + step) & MASK32).unsqueeze(1)
-    idx = torch.arange(numel, device=keys.device, dtype=torch.int64).unsqueeze(0)
-    h = mix32(mix32(k ^ idx))
-    u = (h >> 8).to(torch.float32) * (1.0 / 16777216.0)
-    return (2.0 * u - 1.0).to(dtype)
 
 
 @dataclass(frozen=True)
@@ -79,24 +57,16 @@ def adaptive_update(x, delta, m, v, r, grad_r, keys, step, step_size, bias2_sqrt
     """``adaptive_update_ref`` on (N, C, H, W) tensors with the step-dependent scalars as
     tensors: ``step`` (int64), ``step_size`` = lr / (1 - beta1**t) and ``bias2_sqrt`` =
     sqrt(1 - beta2**t) (float32, rounded from float64 like the reference's Python floats)."""
-    n = x.shape[0]
-    if c.noise:
-        amp = noise_amplitude_ref(r, c.mu, c.sigma, c.eps_n, c.max_scale).to(x.dtype)
-        u = step_noise(keys, step, x[0].numel(), x.dtype).view_as(x)
-        x = x + amp.view(n, 1, 1, 1) * u
-    g = hinge_weight_ref(r, c.mu, c.sigma).to(grad_r.dtype).view(n, 1, 1, 1) * grad_r
-    m = m * c.beta1 + g * (1.0 - c.beta1)
-    v = v * c.beta2 + g * g * (1.0 - c.beta2)
-    denom = v.sqrt() / bias2_sqrt + c.eps
-    return x, delta - step_size * (m / denom), m, v
+    return adaptive_update_keyed(x, delta, grad_r, m, v, r, step_keys(keys, step), step_size,
+                                 bias2_sqrt, c.mu, c.sigma, c.eps_n, c.max_scale, c.beta1,
+                                 c.beta2, c.eps, c.noise)
 
 
 def step_scalars(config: PurifyConfig, device: torch.device) -> list[tuple[torch.Tensor, ...]]:
     """(step, step_size, bias2_sqrt) tensors for t = 1..steps."""
     out = []
     for t in range(1, config.steps + 1):
-        step_size = config.lr / (1.0 - config.beta1**t)
-        bias2_sqrt = (1.0 - config.beta2**t) ** 0.5
+        step_size, bias2_sqrt = adam_scalars(t, config.lr, config.beta1, config.beta2)
         out.append((torch.tensor(t, dtype=torch.int64, device=device),
                     torch.tensor(step_size, dtype=torch.float32, device=device),
                     torch.tensor(bias2_sqrt, dtype=torch.float32, device=device)))

@@ -15,13 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import apudae_engine.backends.selection as backends
-from apudae_engine.backends.compiled import (
-    adaptive_update,
-    constants,
-    image_keys,
-    step_noise,
-    step_scalars,
-)
+from apudae_engine.backends.compiled import adaptive_update, constants, step_scalars
 from apudae_engine.backends.selection import (
     SpotCheck,
     check_backend,
@@ -35,7 +29,13 @@ from apudae_engine.core.numerics import ieee_fp32_convolutions
 from apudae_engine.method.config import PurifyConfig
 from apudae_engine.method.models import REDNet
 from apudae_engine.method.purification import adaptive_purify, reconstruction_error
-from apudae_kernels.reference import adaptive_update_ref, uniform_noise_ref
+from apudae_kernels.reference import (
+    adaptive_update_ref,
+    image_keys,
+    noise_from_keys,
+    step_keys,
+    uniform_noise_ref,
+)
 
 # -- the update in torch ops equals the kernels' reference --------------------------------------
 
@@ -45,7 +45,7 @@ def test_step_noise_is_the_reference_noise_bit_for_bit(seed):
     ids = torch.tensor([0, 1, 12345, 2**40 + 3, -5])
     keys = image_keys(seed, ids)
     for step in (1, 2, 13):
-        got = step_noise(keys, torch.tensor(step), 150)
+        got = noise_from_keys(step_keys(keys, torch.tensor(step)), 150)
         assert torch.equal(got, uniform_noise_ref(seed, ids, step, 150))
 
 
