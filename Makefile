@@ -10,6 +10,8 @@ PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 PIP := $(VPY) -m pip install --quiet --disable-pip-version-check
+TORCH ?= torch==2.13.0+cpu
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: install venv data demo test lint bench
 
@@ -30,7 +32,13 @@ $(VPY):
 	fi
 
 $(VENV)/.installed: pyproject.toml $(VPY)
-	$(PIP) torch==2.13.0   # the CPU build; an unpinned torch would pull a multi-GB CUDA build
+	@# PyPI's Linux torch is the multi-GB CUDA build, so the CPU build is pinned by its local
+	@# version: from what pip is configured with (a local index or find-links), else from
+	@# PyTorch's CPU index.
+	$(PIP) '$(TORCH)' 2>/dev/null || $(PIP) '$(TORCH)' --extra-index-url $(TORCH_CPU_INDEX) || \
+	  { echo "make: $(TORCH) was found neither through pip's configuration nor at" \
+	         "$(TORCH_CPU_INDEX); point pip at it (PIP_FIND_LINKS=DIR, or make TORCH_CPU_INDEX=URL)"; \
+	    exit 1; }
 	$(PIP) -e '.[test,triton,onnx,dali,ray]' matplotlib   # DALI and Ray: tested on the CPU
 	# torchattacks declares torchvision and an old requests as dependencies, which would replace
 	# our torch build; its code imports neither, so it is installed without them.
