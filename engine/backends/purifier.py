@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -15,6 +16,9 @@ from apudae_engine.method.config import PurifyConfig
 from apudae_engine.method.purification import PurifyResult, purify, reconstruction_error
 
 log = logging.getLogger(__name__)
+
+# Float images must lie in [0, 1]; this much rounding outside is tolerated.
+RANGE_SLACK = 1e-3
 
 
 class Purifier(nn.Module):
@@ -48,6 +52,14 @@ class Purifier(nn.Module):
         if self.config.method == "adaptive" and (self.mu is None or self.sigma is None):
             raise UserError("this DAE has no calibration (mu, sigma); run `apudae-engine "
                             "calibrate --model PATH` first, or use --method iterative/direct")
+        self.eval()
+
+    def train(self, mode: bool = True) -> Purifier:
+        """Set the module's flag; the DAE itself stays in eval mode. It is frozen, so BatchNorm
+        must keep its calibrated statistics even inside a model being trained."""
+        super().train(mode)
+        self.dae.eval()
+        return self
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path = "fmnist",
@@ -80,10 +92,17 @@ class Purifier(nn.Module):
         with torch.no_grad():
             return reconstruction_error(self.dae, x)
 
-    def purify(self, x: torch.Tensor, image_ids: torch.Tensor | None = None,
+    def purify(self, x: torch.Tensor, image_ids: torch.Tensor | Sequence[int] | None = None,
                differentiable: bool = False) -> PurifyResult:
-        """Purify a batch and return images with per-image statistics."""
+        """Purify a batch and return images with per-image statistics.
+
+        Args:
+            x: (N, C, H, W) float images in [0, 1].
+            image_ids: N integers (a tensor, list or array) keying each image's noise; default
+                a fingerprint of its pixels.
+        """
         self._check_input(x)
+        image_ids = _as_image_ids(image_ids, x)
         if differentiable:
             return purify(self.dae, x, self.config, self.mu, self.sigma, image_ids, True)
         if self.backend != "reference" or self.precision != "fp32":
@@ -96,7 +115,8 @@ class Purifier(nn.Module):
         with torch.no_grad(), ieee_fp32_convolutions(x.device):
             return purify(self.dae, x, self.config, self.mu, self.sigma, image_ids, False)
 
-    def forward(self, x: torch.Tensor, image_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor,
+                image_ids: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
         differentiable = torch.is_grad_enabled() and x.requires_grad
         return self.purify(x, image_ids, differentiable=differentiable).images
 
@@ -108,3 +128,25 @@ class Purifier(nn.Module):
             raise ValueError(f"this DAE takes {shape[0]}-channel images, got {x.shape[1]}")
         if not x.is_floating_point():
             raise ValueError(f"expected float images in [0, 1], got dtype {x.dtype}")
+        if x.numel():
+            lo, hi = (float(v) for v in torch.aminmax(x.detach()))
+            # NaN fails both comparisons, so it is refused too.
+            if not (lo >= -RANGE_SLACK and hi <= 1 + RANGE_SLACK):
+                hint = "; divide 8-bit images by 255" if hi > 1 + RANGE_SLACK and hi <= 255 else ""
+                raise ValueError(f"expected float images in [0, 1], got values from {lo:.4g} "
+                                 f"to {hi:.4g}{hint}")
+
+
+def _as_image_ids(image_ids: torch.Tensor | Sequence[int] | None,
+                  x: torch.Tensor) -> torch.Tensor | None:
+    """``image_ids`` as an int64 tensor on ``x``'s device (None stays None)."""
+    if image_ids is None or isinstance(image_ids, torch.Tensor):
+        return image_ids
+    try:
+        ids = torch.as_tensor(image_ids)
+    except (TypeError, ValueError, RuntimeError):
+        ids = None
+    if ids is None or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise TypeError("image_ids must be integers (a tensor, list or array of N ints), got "
+                        f"{type(image_ids).__name__}")
+    return ids.to(device=x.device, dtype=torch.int64)
