@@ -7,7 +7,13 @@ Backends (``--backend``):
   (needs a C++ compiler) and CUDA (needs triton; CUDA graphs replay the loop).
 - ``tensorrt``: a TensorRT engine of the exported step graph (CUDA, the ``tensorrt`` extra).
 - ``auto``: the fastest usable one for the device (CUDA: compiled; CPU: compiled when a C++
-  compiler exists, else reference), logged once.
+  compiler exists, else reference), except that fp32 jobs known to be smaller than
+  ``AUTO_MIN_IMAGES`` run the reference (compiling would not pay); logged once.
+
+Everything that decides what runs is here: the checks of an explicit choice, ``auto``, the
+small-job rule, the autograd path for attacks, and the fallback to the reference when ``auto``
+chose a compiled engine that then fails to build. ``Purifier`` and the folder runs ask
+:func:`get_backend`; each backend reports what actually ran (:meth:`OptimizedBackend.report`).
 
 Nothing is chosen or imported at import time. Reduced precision (``bf16``, ``fp16``) is opt-in
 for the compiled and tensorrt backends and gated by a parity check against float32 on the
@@ -27,7 +33,6 @@ import logging
 import os
 import shutil
 import weakref
-from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -47,7 +52,17 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 # the median relative error of r and the mean cosine similarity of dr/dy against the float32
 # graph (typical bf16 values for the fmnist DAE: 0.3 % and 0.996).
 PARITY = {"r_rel_err_median": 0.01, "grad_cosine_mean": 0.98}
-_logged: set[tuple[str, str, str]] = set()
+# ``auto`` compiles only for jobs at least this large. Compiling costs about 6 s on the CPU even
+# with warm caches, and the compiled loop is about 2.5x the reference's ~100 img/s there, so it
+# pays from roughly 1,000 images on (benchmarks/results/small_job_compile_cpu.md).
+AUTO_MIN_IMAGES = 1000
+_logged: set[tuple] = set()
+
+
+def _log_once(key: tuple, level: int, msg: str, *args) -> None:
+    if key not in _logged:
+        _logged.add(key)
+        log.log(level, msg, *args)
 
 
 class Backend(Protocol):
@@ -115,37 +130,57 @@ def unavailable_reason(name: str, device: str | torch.device = "cpu",
 
 def resolve_backend(name: str, device: str | torch.device = "cpu",
                     precision: str = "fp32") -> str:
-    """The concrete backend for ``name`` (``auto`` resolved); raises BackendUnavailable."""
+    """The concrete backend for ``name`` on ``device``; raises BackendUnavailable (a one-line
+    user error naming the fix) when an explicit choice cannot run here. ``auto`` takes
+    ``compiled`` where it can run, else ``reference``; the choice is logged once."""
     device = torch.device(device)
-    if name == "auto":
-        order = ("compiled", "reference")
-        choice = next(b for b in order if unavailable_reason(b, device, precision) is None
-                      or b == "reference")
-        if choice == "reference" and precision != "fp32":
+    if name != "auto":
+        reason = unavailable_reason(name, device, precision)
+        if reason is not None:
+            raise BackendUnavailable(f"backend {name!r} cannot run here: {reason}")
+        return name
+    skipped = unavailable_reason("compiled", device, precision)
+    if skipped is not None:
+        if precision != "fp32":
             raise BackendUnavailable(f"no backend runs precision {precision} on {device}: "
-                                     f"{unavailable_reason('compiled', device, precision)}")
-        key = (str(device), precision, choice)
-        if key not in _logged:
-            _logged.add(key)
-            skipped = unavailable_reason("compiled", device, precision)
-            log.info("backend auto -> %s on %s (%s)%s", choice, device, precision,
-                     f"; compiled unavailable: {skipped}" if skipped else "")
-        return choice
-    reason = unavailable_reason(name, device, precision)
-    if reason is not None:
-        raise BackendUnavailable(f"backend {name!r} cannot run here: {reason}")
+                                     f"{skipped}")
+        _log_once((str(device), precision, "reference"), logging.INFO,
+                  "backend auto -> reference on %s (%s); compiled unavailable: %s", device,
+                  precision, skipped)
+        return "reference"
+    _log_once((str(device), precision, "compiled"), logging.INFO,
+              "backend auto -> compiled on %s (%s)", device, precision)
+    return "compiled"
+
+
+def backend_for_job(name: str, precision: str, n_images: int,
+                    device: str | torch.device | None = None) -> str:
+    """The ``backend`` to give a Purifier for a job of ``n_images`` images.
+
+    ``auto`` in fp32 becomes ``reference`` for jobs under ``AUTO_MIN_IMAGES`` images
+    (compiling would cost more than it saves); otherwise ``name`` is kept, so ``auto`` keeps
+    its fallback on a failed compile. With ``device``, an unusable choice raises here,
+    before any work starts (Ray's driver passes none: the actors' devices decide).
+    """
+    if device is not None:
+        resolve_backend(name, device, precision)
+    if name == "auto" and precision == "fp32" and n_images < AUTO_MIN_IMAGES:
+        log.info("backend auto -> reference: %d images are fewer than %d, too few to repay "
+                 "compiling (--backend compiled forces it)", n_images, AUTO_MIN_IMAGES)
+        return "reference"
     return name
 
 
-def check_backend(name: str, device: str | torch.device = "cpu", precision: str = "fp32") -> str:
-    """Validate a user's ``--backend`` choice before any work starts (see resolve_backend)."""
-    return resolve_backend(name, device, precision)
-
-
 def get_backend(name: str = "auto", device: str | torch.device = "cpu",
-                precision: str = "fp32") -> Backend:
-    """The backend object for ``name`` on ``device`` (cached; ``auto`` resolved here)."""
+                precision: str = "fp32", differentiable: bool = False) -> Backend:
+    """The backend object for ``name`` on ``device`` (cached; ``auto`` resolved here).
+
+    ``differentiable=True`` (attacks that take gradients through the loop) always gives the
+    reference: it is the only path that keeps the loop on the autograd graph.
+    """
     device = torch.device(device)
+    if differentiable:
+        return _make_backend("reference", str(device), "fp32")
     resolved = resolve_backend(name, device, precision)
     return _make_backend(resolved, str(device), precision, name == "auto")
 
@@ -158,13 +193,21 @@ def _make_backend(name: str, device: str, precision: str, fallback: bool = False
 
 
 class ReferenceBackend:
-    """Eager autograd: ``reference.purify``."""
+    """Eager PyTorch with autograd: ``method.purification.purify``, in IEEE float32."""
 
     name, precision = "reference", "fp32"
 
-    def purify(self, dae, x, mu, sigma, config, image_ids=None) -> PurifyResult:
-        with torch.no_grad(), ieee_fp32_convolutions(x.device):
-            return purify(dae, x, config, mu, sigma, image_ids)
+    def purify(self, dae, x, mu, sigma, config, image_ids=None,
+               differentiable: bool = False) -> PurifyResult:
+        with ieee_fp32_convolutions(x.device):
+            if differentiable:
+                return purify(dae, x, config, mu, sigma, image_ids, True)
+            with torch.no_grad():
+                return purify(dae, x, config, mu, sigma, image_ids)
+
+    def report(self) -> dict:
+        """What ran: ``{"backend", "precision", "fallback"}`` (see OptimizedBackend.report)."""
+        return {"backend": self.name, "precision": self.precision, "fallback": None}
 
 
 class OptimizedBackend:
@@ -178,6 +221,12 @@ class OptimizedBackend:
         self.fallback = fallback  # chosen by auto: if compiling fails, run the reference
         self.failed: str | None = None
         self._gated: weakref.WeakSet = weakref.WeakSet()  # DAEs that passed the parity check
+
+    def report(self) -> dict:
+        """What ran: this backend, or the reference with the reason it fell back to it."""
+        if self.failed:
+            return {"backend": "reference", "precision": "fp32", "fallback": self.failed}
+        return {"backend": self.name, "precision": self.precision, "fallback": None}
 
     def _engine(self, dae: nn.Module):
         if self.name == "tensorrt":
@@ -260,41 +309,3 @@ def check_precision_parity(dae: nn.Module, probe: torch.Tensor, dtype: torch.dty
                         f"first batch ({summary}); use --precision fp32")
     log.info("%s parity on the first batch: %s", name, summary)
     return stats
-
-
-@dataclass
-class SpotCheck:
-    """``purify --verify-every N``: rerun the reference on every N-th batch and record the
-    largest pixel difference; differences above ``tolerance`` are logged as warnings.
-
-    Example (in the folder pipeline)::
-
-        check = SpotCheck(every=job.verify_every)
-        check(batch_index, purifier, x, ids, result)   # after purifier.purify(x, ids)
-    """
-
-    every: int = 0
-    tolerance: float = 8.0 / 255  # see verify.TOLERANCES (fp32)
-    records: list[dict] = field(default_factory=list)
-
-    def __call__(self, batch_index: int, purifier, x: torch.Tensor, ids: torch.Tensor,
-                 result: PurifyResult) -> dict | None:
-        if self.every <= 0 or batch_index % self.every:
-            return None
-        with torch.no_grad():
-            ref = purify(purifier.dae, x, purifier.config, purifier.mu, purifier.sigma, ids)
-        diff = (ref.images - result.images).abs()
-        rec = {"batch": batch_index, "images": int(x.shape[0]),
-               "max_abs_diff": float(diff.max()) if diff.numel() else 0.0,
-               "mean_abs_diff": float(diff.mean()) if diff.numel() else 0.0,
-               "error_before_max_diff": float((ref.error_before - result.error_before).abs()
-                                              .max()) if diff.numel() else 0.0}
-        self.records.append(rec)
-        level = logging.WARNING if rec["max_abs_diff"] > self.tolerance else logging.INFO
-        log.log(level, "verify batch %d: max pixel diff %.2e (tolerance %.2e), mean %.2e",
-                batch_index, rec["max_abs_diff"], self.tolerance, rec["mean_abs_diff"])
-        return rec
-
-    @property
-    def worst(self) -> float:
-        return max((r["max_abs_diff"] for r in self.records), default=0.0)

@@ -17,12 +17,11 @@ from hypothesis import strategies as st
 import apudae_engine.backends.selection as backends
 from apudae_engine.backends.compiled import adaptive_update, constants, step_scalars
 from apudae_engine.backends.selection import (
-    SpotCheck,
-    check_backend,
     get_backend,
     resolve_backend,
     unavailable_reason,
 )
+from apudae_engine.backends.spot_check import SpotCheck
 from apudae_engine.cli import main
 from apudae_engine.core.errors import BackendUnavailable
 from apudae_engine.core.numerics import ieee_fp32_convolutions
@@ -94,7 +93,7 @@ def test_auto_prefers_compiled_when_a_compiler_exists(monkeypatch):
 def test_explicit_compiled_without_compiler_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(backends, "_cxx_compiler", lambda: None)
     with pytest.raises(BackendUnavailable, match="g\\+\\+.*--backend reference"):
-        check_backend("compiled", "cpu")
+        resolve_backend("compiled", "cpu")
 
 
 @pytest.mark.parametrize(("name", "device", "precision", "message"), [
@@ -106,7 +105,7 @@ def test_explicit_compiled_without_compiler_is_a_clear_error(monkeypatch):
 ])
 def test_unavailable_choices_raise_one_sentence(name, device, precision, message):
     with pytest.raises(BackendUnavailable, match=message) as info:
-        check_backend(name, device, precision)
+        resolve_backend(name, device, precision)
     assert "\n" not in str(info.value)
 
 
@@ -273,7 +272,7 @@ def test_spot_check_runs_every_nth_batch(tiny_model, caplog):
     # A backend that strays from the reference is measured and warned about.
     wrong = dataclasses.replace(result, images=result.images.clone())
     wrong.images[1, 0, 5, 7] += 0.25
-    with caplog.at_level(logging.WARNING, logger="apudae_engine.backends.selection"):
+    with caplog.at_level(logging.WARNING, logger="apudae_engine.backends.spot_check"):
         rec = check(4, purifier, x, ids, wrong)
     assert rec["max_abs_diff"] == pytest.approx(0.25, abs=1e-6)
     assert check.worst == rec["max_abs_diff"] and len(check.records) == 2
