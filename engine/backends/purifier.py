@@ -9,11 +9,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from apudae_engine.backends.selection import get_backend
 from apudae_engine.core.errors import UserError
 from apudae_engine.core.host import resolve_device
 from apudae_engine.method.checkpoint import Checkpoint, load_checkpoint
 from apudae_engine.method.config import PurifyConfig
-from apudae_engine.method.purification import PurifyResult, purify, reconstruction_error
+from apudae_engine.method.purification import PurifyResult, reconstruction_error
 
 log = logging.getLogger(__name__)
 
@@ -103,17 +104,25 @@ class Purifier(nn.Module):
         """
         self._check_input(x)
         image_ids = _as_image_ids(image_ids, x)
+        backend = get_backend(self.backend, x.device, self.precision, differentiable)
         if differentiable:
-            return purify(self.dae, x, self.config, self.mu, self.sigma, image_ids, True)
-        if self.backend != "reference" or self.precision != "fp32":
-            from apudae_engine.backends.selection import get_backend
+            return backend.purify(self.dae, x, self.mu, self.sigma, self.config, image_ids,
+                                  differentiable=True)
+        return backend.purify(self.dae, x, self.mu, self.sigma, self.config, image_ids)
 
-            return get_backend(self.backend, x.device, self.precision).purify(
-                self.dae, x, self.mu, self.sigma, self.config, image_ids)
-        from apudae_engine.core.numerics import ieee_fp32_convolutions
+    def reference(self, x: torch.Tensor, image_ids: torch.Tensor | None = None) -> PurifyResult:
+        """The float32 reference result for ``x``: what every backend is checked against."""
+        return get_backend("reference", x.device).purify(self.dae, x, self.mu, self.sigma,
+                                                         self.config, image_ids)
 
-        with torch.no_grad(), ieee_fp32_convolutions(x.device):
-            return purify(self.dae, x, self.config, self.mu, self.sigma, image_ids, False)
+    def backend_report(self, device: str | torch.device | None = None) -> dict:
+        """What runs (or ran) this purifier's loop on ``device`` (default: the DAE's):
+        ``{"requested", "backend", "precision", "fallback"}``; ``fallback`` is the reason
+        ``auto`` fell back to the reference after a compiled engine failed, else None."""
+        if device is None:
+            device = next(self.dae.parameters()).device
+        report = get_backend(self.backend, device, self.precision).report()
+        return {"requested": self.backend, **report}
 
     def forward(self, x: torch.Tensor,
                 image_ids: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
