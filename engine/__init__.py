@@ -2,9 +2,10 @@
 
 Public API (imported lazily, so ``import apudae_engine`` stays cheap)::
 
-    from apudae_engine import Purifier, PurifyConfig, purify_folder
-    purifier = Purifier.from_pretrained("fmnist")      # an nn.Module
+    from apudae_engine import Purifier, PurifyConfig, load_classifier, purify_folder
+    purifier = Purifier.from_pretrained("fmnist")      # an nn.Module in eval mode
     clean = purifier(images)                           # NCHW float in [0, 1]
+    classifier = load_classifier("fmnist").model       # the bundled model's classifier
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ _LAZY = {
     "PurifyConfig": ("apudae_engine.method.config", "PurifyConfig"),
     "purify_folder": ("apudae_engine.folder.local", "purify_folder"),
     "FolderJob": ("apudae_engine.folder.local", "FolderJob"),
+    "load_classifier": ("apudae_engine.method.checkpoint", "load_classifier"),
 }
 
 __all__ = ["__version__", *_LAZY]
