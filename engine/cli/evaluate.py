@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-# Mirrors of the attack and evaluation names, kept here so that building the parser
-# (and --version, --help) never imports torch; EvalConfig validates the real lists.
-_LIBRARY = "fgsm,rfgsm,pgd,pgd-l2,cw-l2,deepfool,autoattack"
-_AWARE = "pgd-eot,bpda,bpda-dae,below-mu"
+# Building the parser (and --version, --help) never imports torch, so the attack names are
+# not listed here: they live in the attack registry, which EvalConfig checks and
+# --list-attacks prints. The defense names are mirrored for argparse's choices.
 _DEFENSES = ("none", "direct", "iterative", "adaptive", "adaptive-compat")
 
 
@@ -24,7 +23,21 @@ def _floats(text: str) -> tuple[float, ...]:
             from None
 
 
+def _list_attacks() -> int:
+    from apudae_engine.evaluation.attacks import attack_class, attack_names
+
+    print(f"{'attack':<12} {'family':<14} {'norm':<5} {'steps':>5}  {'default':<7}  label")
+    for name in attack_names():
+        c = attack_class(name)
+        family = "defense-aware" if c.defense_aware else "oblivious"
+        print(f"{name:<12} {family:<14} {c.norm:<5} {c.default_steps:>5}  "
+              f"{'yes' if c.in_default_run else 'no':<7}  {c.label}")
+    return 0
+
+
 def _cmd_evaluate(a: argparse.Namespace) -> int:
+    if a.list_attacks:
+        return _list_attacks()
     import torch
 
     from apudae_engine.evaluation.config import EvalConfig
@@ -35,8 +48,8 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     kw = {} if a.attacks is None else {"attacks": _names(a.attacks)}
     if a.aware_attacks is not None:
         kw["aware_attacks"] = _names(a.aware_attacks)
-    if a.defenses is not None:
-        kw["defenses"] = _names(a.defenses)
+    if a.defenses is not None:  # here "none" is a defense (the bare classifier), not nothing
+        kw["defenses"] = tuple(t.strip() for t in a.defenses.split(",") if t.strip())
     config = EvalConfig(
         model=a.model, classifier=a.classifier, dataset=a.dataset, data_dir=a.data_dir,
         split=a.split, limit=a.limit, aware_limit=a.aware_limit, aware_target=a.aware_target,
@@ -70,9 +83,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quick", action="store_true", help="a few hundred images and small "
                    "budgets (CI)")
     p.add_argument("--attacks", default=None, help="oblivious attacks, comma-separated or "
-                   f"'none' (default: {_LIBRARY})")
+                   "'none' (default: every registered one; see --list-attacks)")
     p.add_argument("--aware-attacks", default=None, help="defense-aware attacks or 'none' "
-                   f"(default: {_AWARE})")
+                   "(default: every registered one; see --list-attacks)")
+    p.add_argument("--list-attacks", action="store_true", help="print the registered attacks "
+                   "(name, family, norm, default steps) and exit")
     p.add_argument("--aware-limit", type=int, default=None, help="images for defense-aware "
                    "attacks (default 500; 32 with --quick)")
     p.add_argument("--aware-target", default="adaptive", choices=_DEFENSES[1:],

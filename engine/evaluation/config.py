@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import shlex
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from apudae_engine.core.errors import UserError
-from apudae_engine.evaluation.attacks import DEFENSE_AWARE_ATTACKS, LIBRARY_ATTACKS, AttackSpec
+from apudae_engine.evaluation.attacks import AttackSpec, attack_class, attack_names
 
 DEFENSES = ("none", "direct", "iterative", "adaptive", "adaptive-compat")
 # (L-inf eps, L2 eps, L-inf sweep) by dataset, following the field's conventions.
 EPSILONS = {"fashion-mnist": (0.1, 1.5, (0.05, 0.1, 0.2, 0.3)),
             "mnist": (0.1, 1.5, (0.05, 0.1, 0.2, 0.3)),
             "cifar10": (8 / 255, 0.5, (2 / 255, 4 / 255, 8 / 255, 16 / 255))}
-QUICK_STEPS = {"pgd": 10, "pgd-l2": 10, "cw-l2": 20, "deepfool": 5, "autoattack": 10,
-               "pgd-eot": 3, "bpda": 5, "bpda-dae": 5, "below-mu": 10}
-_ITERATIVE_LIBRARY = ("pgd", "pgd-l2", "cw-l2", "deepfool", "autoattack")
 
 
 @dataclass(frozen=True)
@@ -39,8 +36,10 @@ class EvalConfig:
     data_dir: str | None = None
     split: str = "test"
     limit: int | None = None
-    attacks: tuple[str, ...] = LIBRARY_ATTACKS
-    aware_attacks: tuple[str, ...] = DEFENSE_AWARE_ATTACKS
+    attacks: tuple[str, ...] = field(
+        default_factory=lambda: attack_names(defense_aware=False, default_only=True))
+    aware_attacks: tuple[str, ...] = field(
+        default_factory=lambda: attack_names(defense_aware=True, default_only=True))
     aware_limit: int | None = None
     aware_target: str = "adaptive"
     defenses: tuple[str, ...] = DEFENSES
@@ -63,13 +62,14 @@ class EvalConfig:
     command: str | None = None
 
     def __post_init__(self) -> None:
-        unknown = [a for a in self.attacks if a not in LIBRARY_ATTACKS]
-        unknown += [a for a in self.aware_attacks if a not in DEFENSE_AWARE_ATTACKS]
+        library, aware = attack_names(defense_aware=False), attack_names(defense_aware=True)
+        unknown = [a for a in self.attacks if a not in library]
+        unknown += [a for a in self.aware_attacks if a not in aware]
         unknown += [d for d in self.defenses if d not in DEFENSES]
         if unknown:
             raise UserError(f"unknown attack or defense {', '.join(unknown)}; attacks: "
-                            f"{', '.join(LIBRARY_ATTACKS)}; defense-aware: "
-                            f"{', '.join(DEFENSE_AWARE_ATTACKS)}; defenses: {', '.join(DEFENSES)}")
+                            f"{', '.join(library)}; defense-aware: "
+                            f"{', '.join(aware)}; defenses: {', '.join(DEFENSES)}")
         if self.split == "calib":
             raise UserError("the calib split holds the data mu/sigma were computed on; evaluate "
                             "on --split test")
@@ -105,11 +105,13 @@ class EvalConfig:
 
     def attack_spec(self, name: str, eps: float | None = None) -> AttackSpec:
         """Attack ``name`` under this run's budgets (``eps`` replaces the threat model's)."""
-        aware = name in DEFENSE_AWARE_ATTACKS
-        steps = self.aware_steps if aware else (
-            self.steps if name in _ITERATIVE_LIBRARY else None)
+        cls = attack_class(name)
+        aware = cls.defense_aware
+        steps = None
+        if cls.iterative:
+            steps = self.aware_steps if aware else self.steps
         if steps is None and self.quick:
-            steps = QUICK_STEPS.get(name)
-        default_eps = self.eps_l2 if name in ("pgd-l2", "cw-l2", "deepfool") else self.eps
+            steps = cls.quick_steps
+        default_eps = self.eps_l2 if cls.norm == "L2" else self.eps
         return AttackSpec(name, eps=eps or default_eps, steps=steps, seed=self.seed,
                           eot=self.eot if aware else 1, square_queries=self.square_queries)

@@ -11,14 +11,11 @@ from typing import Any
 import torch
 
 from apudae_engine.core.errors import BackendUnavailable
+from apudae_engine.evaluation.attacks import attack_class, attack_names
 
 log = logging.getLogger(__name__)
 
-ROW_LABELS = {"clean": "clean", "noise": "uniform noise", "fgsm": "FGSM", "rfgsm": "R-FGSM",
-              "pgd": "PGD", "pgd-l2": "PGD-L2", "cw-l2": "C&W-L2", "deepfool": "DeepFool",
-              "autoattack": "AutoAttack", "pgd-eot": "PGD-EOT, full gradient",
-              "bpda": "BPDA, identity backward",
-              "bpda-dae": "BPDA, DAE backward", "below-mu": "stay below mu"}
+INPUT_LABELS = {"clean": "clean", "noise": "uniform noise"}
 DEFENSE_LABELS = {"none": "no defense", "direct": "direct DAE", "iterative": "iterative",
                   "adaptive": "adaptive", "adaptive-compat": "adaptive (compat)"}
 
@@ -47,8 +44,15 @@ def _pct(v: float | None) -> str:
     return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.2f}"
 
 
+def row_label(name: str) -> str:
+    """Report label of an input row: clean, noise or a registered attack's ``label``."""
+    if name in INPUT_LABELS:
+        return INPUT_LABELS[name]
+    return attack_class(name).label if name in attack_names() else name
+
+
 def _row_label(name: str, entry: dict[str, Any]) -> str:
-    label = ROW_LABELS.get(name, name)
+    label = row_label(name)
     p, b = entry.get("perturbation"), entry.get("budget")
     if p and p.get("eps") is not None:
         norm = "L∞" if p["norm"] == "Linf" else "L2"
@@ -94,7 +98,7 @@ def _budget_table(tables: list[dict[str, Any]]) -> list[str]:
             if b is None:
                 continue
             per = b["per_image"]
-            cells = [ROW_LABELS.get(name, name), b["norm"], f"{b['eps']:.4g}", str(b["steps"]),
+            cells = [row_label(name), b["norm"], f"{b['eps']:.4g}", str(b["steps"]),
                      str(b["eot"]), *(f"{per[k]:g}" for k in (
                          "classifier_forward", "classifier_gradients", "purifier_forward",
                          "purifier_backward", "dae_forward", "dae_backward")),
@@ -111,7 +115,8 @@ def markdown(results: dict[str, Any]) -> str:
     hw = s["hardware"]
     out = [f"# Robustness evaluation: {s['data']}", "",
            f"Command: `{s['command']}`  ",
-           f"Wall time: {s['wall_seconds']:.0f} s on {hw['processor']} ({_machine(hw)}); "
+           f"Wall time: {s['wall_seconds']:.0f} s on {hw.get('cpu') or hw.get('processor')} "
+           f"({_machine(hw)}); "
            f"engine {s['engine']}, torch {s['torch']}; "
            f"defenses scored with the {s.get('defense_backend', 'reference')} backend.  ",
            f"DAE `{_short(s['dae']['path'])}` ({s['dae']['arch']} {s['dae']['config']}, sha256 "
@@ -201,7 +206,7 @@ def plot_errors(raw: dict[str, Any], mu: float, sigma: float, path: Path) -> Non
             clean = name == "clean"
             ax.hist(r.clamp(lo, hi).numpy(), bins=60, range=(lo, hi), density=True,
                     histtype="stepfilled" if clean else "step", alpha=0.35 if clean else 1.0,
-                    color="gray" if clean else None, label=ROW_LABELS.get(name, name))
+                    color="gray" if clean else None, label=row_label(name))
         ax.axvline(mu, color="k", lw=1)
         for k in (-1, 1):
             ax.axvline(mu + k * sigma, color="k", lw=0.8, ls="--")
@@ -223,7 +228,7 @@ def plot_examples(raw: dict[str, Any], target: str, path: Path) -> None:
     picks = [obl[n] for n in ("pgd", "fgsm", *attacked) if n in obl][:1]
     picks += [aware[n] for n in ("pgd-eot", "bpda", "below-mu") if n in aware][:1]
     for row in picks:
-        grid.append((ROW_LABELS[row.name], row.examples["none"]))
+        grid.append((row_label(row.name), row.examples["none"]))
         if target in row.examples:
             grid.append((f"→ purified ({target})", row.examples[target]))
     _, c, h, w = grid[0][1].shape

@@ -17,7 +17,7 @@ from apudae_engine.evaluation.attacks import (
     perturbation_norm,
     run_attack,
 )
-from apudae_engine.evaluation.aware_attacks import eot_gradient, purified_logits
+from apudae_engine.evaluation.attacks.aware import eot_gradient, purified_logits
 from apudae_engine.method.config import PurifyConfig
 from apudae_engine.method.purification import purify, reconstruction_error
 
@@ -108,11 +108,11 @@ def test_undefended_classifier_falls_to_pgd_while_clean_accuracy_holds(task):
 
 def test_autoattack_uses_the_original_step_counts(task):
     pytest.importorskip("torchattacks")
-    from apudae_engine.evaluation.attacks import _Counted, _library_attack
+    from apudae_engine.evaluation.attacks.library import AutoAttack, CountedModel
 
     classifier, *_ = task
-    attack, settings = _library_attack(AttackSpec("autoattack", eps=LINF_EPS),
-                                       _Counted(classifier), num_classes=10)
+    attack, settings = AutoAttack(classifier, eps=LINF_EPS).library_attack(
+        CountedModel(classifier), num_classes=10)
     apgd, apgdt, fab, square = attack.attacks
     assert apgd.steps == apgdt.steps == fab.steps == 100
     assert apgdt.n_target_classes == fab.n_target_classes == 9
