@@ -50,9 +50,32 @@ def _purify_config(a: argparse.Namespace):
     return PurifyConfig.compat(**kw) if a.compat else PurifyConfig(**kw)
 
 
+def _check_purify_usage(a: argparse.Namespace) -> None:
+    """The usage errors that need no torch, raised before it loads (seconds on a cold start);
+    the library checks the same again for its own callers."""
+    from pathlib import Path
+
+    from apudae_engine.core.errors import UserError
+
+    for flag, value, least in (("--batch", a.batch, 1), ("--workers", a.workers, 1),
+                               ("--threads", a.threads, 1), ("--preview", a.preview, 0),
+                               ("--verify-every", a.verify_every, 0)):
+        if value is not None and value < least:
+            raise UserError(f"{flag} must be at least {least}, got {value}")
+    if not Path(a.input).exists():
+        raise UserError(f"input folder {a.input} does not exist")
+    if not Path(a.input).is_dir():
+        raise UserError(f"input {a.input} is not a folder")
+
+
 def _cmd_purify(a: argparse.Namespace) -> int:
+    _check_purify_usage(a)
     from apudae_engine.folder.local import FolderJob, purify_folder
 
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
     job = FolderJob(input_dir=a.input, output_dir=a.output, batch_size=a.batch, model=a.model,
                     classifier=a.classifier, config=_purify_config(a), device=a.device,
                     backend=a.backend, precision=a.precision, verify_every=a.verify_every,
@@ -134,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=int, default=64_000_000, help="refuse images larger than "
                    "this (decompression bombs)")
     p.add_argument("--workers", type=int, default=2, help="decode/encode threads")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads for purifying "
+                   "(default: torch's)")
     p.add_argument("--loader", default="auto", choices=["auto", "cpu", "dali", "nvjpeg"],
                    help="image decoder: cpu (Pillow threads), dali (pip install "
                    "'apudae-engine[dali]'), nvjpeg (torchvision on a GPU); auto (default) takes "
