@@ -11,13 +11,14 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import _GOLDEN, _MIX_C1, _MIX_C2, MASK32
+from . import reference
 
 # Dtypes the kernels load and store; arithmetic is always float32 inside.
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-MIX_C1 = tl.constexpr(_MIX_C1)
-MIX_C2 = tl.constexpr(_MIX_C2)
+MIX_C1 = tl.constexpr(reference.MIX_C1)
+MIX_C2 = tl.constexpr(reference.MIX_C2)
+MASK32 = reference.MASK32
 
 
 # --------------------------------------------------------------------------------------------
@@ -39,7 +40,7 @@ def mix32(x):
 def image_noise_key(ids_ptr, row, key_base, step):
     """The per-image key of ``reference.noise_keys`` for image ``row`` (a uint32 scalar).
 
-    ``key_base`` is ``mix32((seed & MASK32) ^ GOLDEN)``, computed once on the host.
+    ``key_base`` is ``mix32((seed & MASK32) ^ reference.GOLDEN)``, computed once on the host.
     """
     image_id = tl.load(ids_ptr + row).to(tl.uint32)  # int64 -> uint32 keeps the low 32 bits
     k = mix32(key_base.to(tl.uint32) ^ image_id)
@@ -87,15 +88,15 @@ def round_through(x, dtype: tl.constexpr):
 def mix32_int(x: int) -> int:
     """``reference.mix32`` on one Python int in [0, 2**32)."""
     x ^= x >> 16
-    x = (x * _MIX_C1) & MASK32
+    x = (x * reference.MIX_C1) & MASK32
     x ^= x >> 15
-    x = (x * _MIX_C2) & MASK32
+    x = (x * reference.MIX_C2) & MASK32
     return x ^ (x >> 16)
 
 
 def noise_key_base(seed: int) -> int:
     """The seed-only part of the per-image key, the same for every image."""
-    return mix32_int((int(seed) & MASK32) ^ _GOLDEN)
+    return mix32_int((int(seed) & MASK32) ^ reference.GOLDEN)
 
 
 def is_interpreted(kernel: object) -> bool:

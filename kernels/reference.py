@@ -15,9 +15,9 @@ from __future__ import annotations
 import torch
 
 MASK32 = 0xFFFFFFFF
-_GOLDEN = 0x9E3779B9
-_MIX_C1 = 0x7FEB352D
-_MIX_C2 = 0x846CA68B
+GOLDEN = 0x9E3779B9
+MIX_C1 = 0x7FEB352D
+MIX_C2 = 0x846CA68B
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -30,9 +30,9 @@ def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
 def mix32(x: torch.Tensor) -> torch.Tensor:
     """A 32-bit integer finaliser (lowbias32) on int64 tensors holding values in [0, 2**32)."""
     x = x ^ (x >> 16)
-    x = _mul32(x, _MIX_C1)
+    x = _mul32(x, MIX_C1)
     x = x ^ (x >> 15)
-    x = _mul32(x, _MIX_C2)
+    x = _mul32(x, MIX_C2)
     return x ^ (x >> 16)
 
 
@@ -41,9 +41,9 @@ def image_keys(seed: int | torch.Tensor, image_ids: torch.Tensor) -> torch.Tenso
     be a 0-d int64 tensor (an input of the exported whole loop)."""
     ids = image_ids.to(torch.int64) & MASK32
     if isinstance(seed, torch.Tensor):
-        k = mix32(((seed.to(torch.int64) & MASK32) ^ _GOLDEN).expand_as(ids))
+        k = mix32(((seed.to(torch.int64) & MASK32) ^ GOLDEN).expand_as(ids))
     else:
-        k = mix32(torch.full_like(ids, (int(seed) & MASK32) ^ _GOLDEN))
+        k = mix32(torch.full_like(ids, (int(seed) & MASK32) ^ GOLDEN))
     return mix32(k ^ ids)
 
 

@@ -12,42 +12,9 @@ import sys
 from collections.abc import Callable
 
 from apudae_engine._version import __version__
+from apudae_engine.cli.options import add_purify_options, purify_config
 
 log = logging.getLogger("apudae_engine")
-
-
-def _add_purify_options(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("purification")
-    g.add_argument("--model", default="fmnist", help="bundled model name or DAE checkpoint path "
-                   "(default: fmnist)")
-    g.add_argument("--method", choices=("adaptive", "iterative", "direct"), default="adaptive")
-    g.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 13 "
-                   "adaptive, 12 iterative)")
-    g.add_argument("--lr", type=float, default=None, help="Adam step size (default: 2/255 "
-                   "adaptive, 1/255 iterative)")
-    g.add_argument("--noise-eps", type=float, default=0.7 / 255, help="eps_n (default 0.7/255)")
-    g.add_argument("--no-noise", action="store_true", help="turn the adaptive noise off "
-                   "(deterministic)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--compat", action="store_true", help="reproduce the authors' code: sigma "
-                   "0.5 and no clipping to [0, 1]")
-    g.add_argument("--flag-k", type=float, default=3.0, help="flag an image when its error "
-                   "exceeds mu + k*sigma (default 3)")
-    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    g.add_argument("--backend", default="reference", choices=("reference", "compiled",
-                   "tensorrt", "auto"), help="reference (default, eager autograd), compiled "
-                   "(torch.compile), tensorrt (CUDA) or auto; see `apudae-engine verify`")
-    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                   help="convolution precision of the compiled/tensorrt backends (default fp32; "
-                   "bf16/fp16 are checked against fp32 on the first batch)")
-
-
-def _purify_config(a: argparse.Namespace):
-    from apudae_engine.method.config import PurifyConfig
-
-    kw = dict(method=a.method, steps=a.steps, lr=a.lr, noise=not a.no_noise,
-              noise_eps=a.noise_eps, seed=a.seed, flag_k=a.flag_k)
-    return PurifyConfig.compat(**kw) if a.compat else PurifyConfig(**kw)
 
 
 def _check_purify_usage(a: argparse.Namespace) -> None:
@@ -77,7 +44,7 @@ def _cmd_purify(a: argparse.Namespace) -> int:
 
         torch.set_num_threads(a.threads)
     job = FolderJob(input_dir=a.input, output_dir=a.output, batch_size=a.batch, model=a.model,
-                    classifier=a.classifier, config=_purify_config(a), device=a.device,
+                    classifier=a.classifier, config=purify_config(a), device=a.device,
                     backend=a.backend, precision=a.precision, verify_every=a.verify_every,
                     overwrite=a.overwrite, preview=a.preview,
                     max_pixels=a.max_pixels, workers=a.workers, loader=a.loader)
@@ -165,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "dali, then nvjpeg, on a GPU and cpu otherwise")
     p.add_argument("--verify-every", type=int, default=0, metavar="N", help="rerun the "
                    "reference on every N-th batch and log the max pixel difference (0: never)")
-    _add_purify_options(p)
+    add_purify_options(p)
     p.set_defaults(func=_cmd_purify)
 
     p = sub.add_parser("train-dae", help="train a denoising autoencoder")

@@ -7,7 +7,7 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from apudae_engine.cli.main import _add_purify_options
+    from apudae_engine.cli.options import add_purify_options
 
     p = sub.add_parser(
         "purify-ray", help="purify a folder on Ray Data (local or a cluster)",
@@ -33,12 +33,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--cpus-per-actor", type=float, default=None, help="CPUs per actor "
                    "(default 1); Ray sets the actor's torch threads to it unless "
                    "OMP_NUM_THREADS is set")
-    _add_purify_options(p)
+    add_purify_options(p)
     p.set_defaults(func=_cmd_purify_ray)
 
 
 def _cmd_purify_ray(a: argparse.Namespace) -> int:
-    from apudae_engine.cli.main import _purify_config
+    from apudae_engine.cli.options import purify_config
     from apudae_engine.core.errors import UserError
     from apudae_engine.folder.local import FolderJob
     from apudae_engine.folder.ray_run import purify_folder_ray
@@ -49,7 +49,7 @@ def _cmd_purify_ray(a: argparse.Namespace) -> int:
         raise UserError(f"--device {a.device} needs --gpus-per-actor (e.g. 1): Ray hides the "
                         "GPUs from actors that did not ask for one")
     job = FolderJob(input_dir=a.input, output_dir=a.output, batch_size=a.batch, model=a.model,
-                    classifier=a.classifier, config=_purify_config(a), device=a.device,
+                    classifier=a.classifier, config=purify_config(a), device=a.device,
                     backend=a.backend, precision=a.precision, overwrite=a.overwrite,
                     max_pixels=a.max_pixels)
     summary = purify_folder_ray(job, address=a.address, concurrency=a.actors,

@@ -74,7 +74,7 @@ def _cmd_export(a: argparse.Namespace) -> int:
 
 
 def register_verify(sub: argparse._SubParsersAction) -> None:
-    from apudae_engine.cli.main import _add_purify_options
+    from apudae_engine.cli.options import add_purify_options
 
     p = sub.add_parser("verify", help="compare a backend with the reference on the same images",
                        description="Purify the same images with the reference and with "
@@ -95,7 +95,7 @@ def register_verify(sub: argparse._SubParsersAction) -> None:
                    "difference")
     p.add_argument("--min-agreement", type=float, default=None, help="required label agreement")
     p.add_argument("--json", default=None, help="also write the report to this JSON file")
-    _add_purify_options(p)
+    add_purify_options(p)
     if "--precision" not in p._option_string_actions:  # unless the shared options have it
         p.add_argument("--precision", choices=_PRECISIONS, default="fp32")
     p.set_defaults(func=_cmd_verify, backend="auto")
@@ -109,13 +109,13 @@ def _classifier(spec: str | None, model: str, device):
 
 
 def _cmd_verify(a: argparse.Namespace) -> int:
-    from apudae_engine.cli.main import _purify_config
+    from apudae_engine.cli.options import purify_config
     from apudae_engine.core.errors import UserError
     from apudae_engine.perf.verify import folder_images, verify_backend
 
     device = _device(a.device)
     ck, mu, sigma = _load_dae(a.model)
-    config = _purify_config(a)
+    config = purify_config(a)
     if config.method == "adaptive" and (mu is None or sigma is None):
         raise UserError(f"{a.model}: the DAE has no calibration; run `apudae-engine calibrate`")
     if a.input:
@@ -160,7 +160,7 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="images/s of the purification backends",
                        description="Time the adaptive purification loop per backend, batch and "
                        "image size against the reference in the same run; write a JSON record "
-                       "to benchmarks/results/.")
+                       "to the per-user results folder (see --out).")
     p.add_argument("--cases", default=None, help="comma-separated: fmnist, fmnist-perturbed, "
                    "rednet30-32, rednet30-224 (default: all but rednet30-224, which runs on "
                    "CUDA or with --heavy)")
@@ -175,8 +175,9 @@ def register_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heavy", action="store_true", help="include 224x224 on the CPU")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: "
                    "torch's; 1 gives steadier numbers on a machine shared with other jobs)")
-    p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/"
-                   "purify_<date>_<machine>_<device>.json)")
+    p.add_argument("--out", default=None, help="JSON path (default: $XDG_DATA_HOME, else "
+                   "~/.local/share, then apudae-engine/bench/purify_<date>_<machine>_<device>"
+                   ".json; give benchmarks/results/... to add a record to the repository)")
     p.add_argument("--no-write", action="store_true", help="print only")
     p.set_defaults(func=_cmd_bench)
 
@@ -231,9 +232,18 @@ def _cmd_bench(a: argparse.Namespace) -> int:
               f"  x{row['ratio_vs_reference']:<5} {row['gflops_effective']:>7.1f} GFLOP/s"
               f"  active {row['active_fraction']:.2f}")
     if not a.no_write:
-        path = write_record(record, a.out or default_result_path(record))
+        path = write_record(record, a.out or default_result_path(record, bench_results_dir()))
         print(f"wrote {path}")
     return 0
+
+
+def bench_results_dir() -> Path:
+    """Where ``bench`` writes without ``--out``: a per-user folder, not the current directory
+    (``$XDG_DATA_HOME/apudae-engine/bench``, default ``~/.local/share/apudae-engine/bench``)."""
+    import os
+
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "apudae-engine" / "bench"
 
 
 REGISTER = [register_export, register_verify, register_bench]

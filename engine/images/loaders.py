@@ -338,7 +338,7 @@ def _finish(rgb: list[torch.Tensor] | torch.Tensor, channels: int,
     return out
 
 
-def _unavailable(name: str, device: torch.device) -> str | None:
+def loader_unavailable_reason(name: str, device: torch.device) -> str | None:
     """Why loader ``name`` cannot run on ``device``, or None when it can."""
     if name == "dali":
         try:
@@ -370,12 +370,13 @@ def get_loader(name: str = "auto", device: torch.device | str = "cpu",
     if name == "auto":
         name = "cpu"
         if device.type == "cuda":
-            name = next((n for n in ("dali", "nvjpeg") if _unavailable(n, device) is None), "cpu")
+            usable = [n for n in ("dali", "nvjpeg") if loader_unavailable_reason(n, device) is None]
+            name = usable[0] if usable else "cpu"
         if (name, device.type) not in _logged:
             _logged.add((name, device.type))
             log.info("loader auto: using %s on %s", name, device.type)
     else:
-        reason = _unavailable(name, device)
+        reason = loader_unavailable_reason(name, device)
         if reason is not None:
             raise BackendUnavailable(f"loader {name!r} cannot run here: {reason}")
     return {"cpu": Loader, "dali": DaliLoader, "nvjpeg": NvjpegLoader}[name](device, workers)

@@ -47,6 +47,20 @@ def reconstruction_error(dae: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return squared_error_ref(x, dae(x))
 
 
+@torch.no_grad()
+def reconstruction_errors(dae: nn.Module, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    """r for a whole set of uint8 or float images (N, C, H, W), in batches: (N,).
+
+    The statistic calibration takes mu and sigma of (uint8 images are scaled to [0, 1]).
+    """
+    out = []
+    for i in range(0, images.shape[0], batch):
+        x = images[i:i + batch]
+        x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
+        out.append(reconstruction_error(dae, x))
+    return torch.cat(out)
+
+
 def image_fingerprint(x: torch.Tensor) -> torch.Tensor:
     """A 32-bit identity per image computed from its pixels (quantised to 16 bits): (N,) int64.
 

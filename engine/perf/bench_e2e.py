@@ -38,7 +38,7 @@ import torch
 
 from apudae_engine.core.host import describe, synchronize
 from apudae_engine.folder.local import FolderJob, path_identity, purify_folder
-from apudae_engine.images.loaders import LOADERS, _unavailable, get_loader
+from apudae_engine.images.loaders import LOADERS, get_loader, loader_unavailable_reason
 
 log = logging.getLogger(__name__)
 DEFAULT_COUNTS = {28: 2000, 32: 256, 224: 16}
@@ -85,11 +85,11 @@ def random_rednet_checkpoint(stem: Path, size: int, layers: int, width: int,
     """A REDNet with random weights and a calibration measured on ``images`` (uint8 NCHW)."""
     from apudae_engine.method.checkpoint import CheckpointMeta, save_checkpoint
     from apudae_engine.method.models import REDNet
-    from apudae_engine.training.calibration import error_statistics
+    from apudae_engine.method.purification import reconstruction_errors
 
     torch.manual_seed(0)
     dae = REDNet(channels=3, layers=layers, width=width).eval()
-    r = error_statistics(dae, images).double()
+    r = reconstruction_errors(dae, images).double()
     cal = {"mu": float(r.mean()), "sigma": float(r.std().clamp_min(1e-6)), "n": len(images),
            "data": f"benchmark images {size}x{size}"}
     return save_checkpoint(dae, stem, CheckpointMeta(
@@ -110,7 +110,7 @@ def bench_size(size: int, count: int, loaders: list[str], work: Path, batch: int
     With ``repeat`` > 1 the purify and e2e measurements alternate and the fastest of each
     counts, so that load from other processes on a shared machine biases neither."""
     from apudae_engine.backends.purifier import Purifier
-    from apudae_engine.folder.local import _load_classifier
+    from apudae_engine.folder.local import load_job_classifier
 
     folder = make_jpegs(work / f"jpeg{size}", size, count)
     files = sorted(folder.glob("*.jpg"))
@@ -124,7 +124,7 @@ def bench_size(size: int, count: int, loaders: list[str], work: Path, batch: int
     job = FolderJob(folder, work / "out", batch_size=batch, model=model, device=str(device),
                     workers=workers, overwrite=True, backend=backend, precision=precision)
     purifier = Purifier.from_pretrained(model, job.config, device, backend, precision)
-    clf, _, _ = _load_classifier(job, device) or (None, None, None)
+    clf, _, _ = load_job_classifier(job, device) or (None, None, None)
     shape = purifier.input_shape
     ids = torch.tensor([path_identity(f.name) for f in files], dtype=torch.int64, device=device)
 
@@ -138,7 +138,7 @@ def bench_size(size: int, count: int, loaders: list[str], work: Path, batch: int
 
     results = []
     for name in loaders:
-        reason = _unavailable(name, device)
+        reason = loader_unavailable_reason(name, device)
         if reason is not None:
             log.info("skipping loader %s: %s", name, reason)
             continue

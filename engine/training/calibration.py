@@ -20,20 +20,9 @@ import torch
 from apudae_engine.core.errors import UserError
 from apudae_engine.images.datasets import load_dataset
 from apudae_engine.method.checkpoint import load_checkpoint, update_metadata
-from apudae_engine.method.purification import reconstruction_error
+from apudae_engine.method.purification import reconstruction_errors
 
 log = logging.getLogger(__name__)
-
-
-@torch.no_grad()
-def error_statistics(dae: torch.nn.Module, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
-    """Per-image reconstruction errors r for uint8 or float images (N, C, H, W): (N,)."""
-    out = []
-    for i in range(0, images.shape[0], batch):
-        x = images[i:i + batch]
-        x = x.float() / 255 if x.dtype == torch.uint8 else x.float()
-        out.append(reconstruction_error(dae, x))
-    return torch.cat(out)
 
 
 def calibrate(dae_path: str | Path, dataset: str = "fashion-mnist", limit: int | None = None,
@@ -46,7 +35,7 @@ def calibrate(dae_path: str | Path, dataset: str = "fashion-mnist", limit: int |
                         f"expects {ckpt.input_shape}")
     if len(data) < 2:
         raise UserError(f"{data.source}: need at least 2 images to calibrate")
-    r = error_statistics(ckpt.model, data.images).double()
+    r = reconstruction_errors(ckpt.model, data.images).double()
     stats = {
         "mu": float(r.mean()), "sigma": float(r.std(unbiased=True)), "n": len(data),
         "data": data.source, "error": "per-image sum of squared error, images in [0, 1]",

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from apudae_engine.images.datasets import ImageSet
 from apudae_engine.method.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from apudae_engine.method.models import REDNet, SmallCNN
-from apudae_engine.training.calibration import error_statistics
+from apudae_engine.method.purification import reconstruction_errors
 
 
 def make_quadrant_task(n: int, seed: int = 0, size: int = 28) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,7 +60,7 @@ def trained_model_folder() -> Path:
     x, y = make_quadrant_task(768, seed=0)
     xf = x.float() / 255
     dae = REDNet(channels=1, layers=2, width=8).eval()
-    r = error_statistics(dae, xf[:256]).double()
+    r = reconstruction_errors(dae, xf[:256]).double()
     cal = {"mu": float(r.mean()), "sigma": float(r.std()), "n": 256,
            "data": "quadrant blobs seed 0"}
     save_checkpoint(dae, folder / "dae", CheckpointMeta("dae", (1, 28, 28), calibration=cal))

@@ -9,7 +9,7 @@ import torch
 
 from apudae_engine.method.checkpoint import CheckpointMeta, save_checkpoint
 from apudae_engine.method.models import REDNet, SmallCNN
-from apudae_engine.training.calibration import error_statistics
+from apudae_engine.method.purification import reconstruction_errors
 
 
 def make_digits(n: int, seed: int = 0, size: int = 28) -> np.ndarray:
@@ -31,7 +31,7 @@ def build_tiny_model(folder: Path, channels: int = 1, size: int = 28, seed: int 
     clean = torch.from_numpy(make_digits(64, seed, size)).unsqueeze(1).float() / 255
     if channels == 3:
         clean = clean.repeat(1, 3, 1, 1)
-    r = error_statistics(dae, clean).double()
+    r = reconstruction_errors(dae, clean).double()
     cal = {"mu": float(r.mean()), "sigma": float(r.std()), "n": 64, "data": "synthetic blobs"}
     save_checkpoint(dae, folder / "dae", CheckpointMeta("dae", (channels, size, size),
                                                         calibration=cal,

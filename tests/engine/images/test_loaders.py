@@ -171,7 +171,7 @@ def test_auto_takes_the_best_usable_loader_and_logs_once(monkeypatch, caplog):
     # On a GPU: DALI first, then nvjpeg, else cpu. Nothing touches CUDA until a batch loads.
     cuda = torch.device("cuda")
     usable = {"dali", "nvjpeg"}
-    monkeypatch.setattr(loaders, "_unavailable",
+    monkeypatch.setattr(loaders, "loader_unavailable_reason",
                         lambda name, device: None if name in usable else "missing")
     assert get_loader("auto", cuda).name == "dali"
     usable.discard("dali")
