@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from apudae_engine.core.errors import BackendUnavailable, UserError
+from apudae_engine.folder.contract import image_record, path_identity
 from apudae_engine.images.codec import (
     DEFAULT_MAX_PIXELS,
     ImageError,
@@ -145,21 +146,24 @@ class PurifyBatches:
         out["error"] = np.array([errors.get(i, "") for i in range(n)], object)
         out["image_id"] = np.zeros(n, np.int64) if ids is None else np.asarray(ids, np.int64)
         out["r_before"], out["r_after"] = r_before, r_after
-        out["flagged"] = np.array([threshold is not None and bool(r_before[i] > threshold)
-                                   for i in range(n)], bool)
         out["active_steps"] = active
         out["steps"] = np.full(n, self.purifier.config.steps, np.int64)
+        # The manifest's fields, from the one record builder (error rows keep their defaults).
+        records = [image_record(names[i], r_before=r_before[i], threshold=threshold,
+                                label_before=None if self.clf is None else labels_before[i],
+                                label_after=None if self.clf is None else labels_after[i],
+                                labels=self.labels) if i not in errors else {}
+                   for i in range(n)]
+        out["flagged"] = np.array([r.get("flagged", False) for r in records], bool)
         if self.clf is not None:
             out["label_before"], out["label_after"] = labels_before, labels_after
             if self.labels:
-                for key, arr in (("class_before", labels_before), ("class_after", labels_after)):
-                    out[key] = np.array([self.labels[v] if v >= 0 else "" for v in arr], object)
+                for key in ("class_before", "class_after"):
+                    out[key] = np.array([r.get(key, "") for r in records], object)
         return out
 
     def _identities(self, batch: dict[str, np.ndarray], n: int):
         """Names for messages and the noise identities (None: pixel fingerprints)."""
-        from apudae_engine.folder.local import path_identity
-
         if "path" in batch:
             paths = [_text(p) for p in batch["path"]]
             return paths, np.array([path_identity(self._relative(p)) for p in paths], np.int64)

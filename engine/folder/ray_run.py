@@ -11,7 +11,6 @@ images; either command resumes the other's folder).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -21,22 +20,23 @@ from pathlib import Path
 import numpy as np
 
 from apudae_engine.backends.purifier import Purifier
+from apudae_engine.backends.selection import backend_for_job
 from apudae_engine.core.errors import UserError
 from apudae_engine.core.files import write_atomic
 from apudae_engine.core.progress import progress
-from apudae_engine.folder.local import (
+from apudae_engine.folder.contract import (
     MANIFEST,
-    FolderJob,
     Summary,
-    _auto_for_job_size,
-    _check_folders,
-    _finish,
-    _load_classifier,
-    _prepare_output,
-    _resumed_summary,
-    _run_identity,
+    append_records,
+    check_folders,
+    finish,
+    image_record,
     output_name,
+    prepare_output,
+    resumed_summary,
+    run_identity,
 )
+from apudae_engine.folder.local import FolderJob, load_job_classifier
 from apudae_engine.folder.ray_dataset import import_ray, purify_dataset
 from apudae_engine.images.codec import discover_images
 
@@ -57,19 +57,19 @@ def purify_folder_ray(job: FolderJob, address: str | None = None,
     The input folder must be readable at the same path on every node (a shared file system);
     only the driver writes the output.
     """
-    _check_folders(job)
+    check_folders(job.input_dir, job.output_dir)
     root = job.input_dir.resolve()
     files = list(discover_images(root))
     if not files:
         raise UserError(f"no images (png, jpg, jpeg, bmp, tif, tiff, webp) under {job.input_dir}")
     # Loaded here only for the run identity (hashes, mu, sigma) and to fail before Ray starts.
     purifier = Purifier.from_pretrained(job.model, job.config, "cpu")
-    _, _, clf_sha = _load_classifier(job, "cpu") or (None, None, None)
-    identity = _run_identity(job, purifier, clf_sha)
-    identity["input"] = str(root)
-    done = _prepare_output(job, identity)
+    _, labels, clf_sha = load_job_classifier(job, "cpu") or (None, None, None)
+    identity = run_identity(purifier, job.config.to_dict(), job.precision, clf_sha, root)
+    done = prepare_output(job.output_dir, identity, job.overwrite)
     todo = [f for f in files if str(f.relative_to(root)) not in done]
-    summary = _resumed_summary(job, len(files), len(todo), done)
+    summary = resumed_summary(job.output_dir, len(files), len(todo), done)
+    threshold = purifier.flag_threshold()
     t_start, write_seconds = time.perf_counter(), 0.0
     if todo:
         ray = import_ray()
@@ -89,12 +89,13 @@ def purify_folder_ray(job: FolderJob, address: str | None = None,
             # actors that hold every CPU (--actors N on N cores). Decoding runs in the actors.
             ds = ray.data.read_binary_files([str(f) for f in todo], include_paths=True,
                                             num_cpus=0)
+            backend = backend_for_job(job.backend, job.precision, len(files))
             ds = purify_dataset(ds, job.model, job.config, classifier=job.classifier, root=root,
-                                device=job.device, backend=_auto_for_job_size(job, len(files)),
+                                device=job.device, backend=backend,
                                 precision=job.precision, encode_png=True,
                                 max_pixels=job.max_pixels, batch_size=job.batch_size,
                                 concurrency=concurrency, num_gpus=num_gpus, num_cpus=num_cpus)
-            write_seconds = _write_results(ds, job, root, summary)
+            write_seconds = _write_results(ds, job, root, summary, threshold, labels)
         except Exception as exc:
             user = _user_error(exc)
             if user is None:
@@ -108,18 +109,21 @@ def purify_folder_ray(job: FolderJob, address: str | None = None,
     summary.seconds = time.perf_counter() - t_start
     # Decoding, purifying and encoding run in the actors; only the driver's writes are timed.
     summary.stage_seconds = {"write": write_seconds}
-    _finish(job, summary, [])
+    finish(job.output_dir, summary, [])
     return summary
 
 
-def _write_results(ds, job: FolderJob, root: Path, summary: Summary) -> float:
+def _write_results(ds, job: FolderJob, root: Path, summary: Summary, threshold: float | None,
+                   labels: list[str] | None) -> float:
     """Write each output batch's PNGs, then append and fsync its records; returns seconds."""
     seconds = 0.0
     with progress(total=summary.total, initial=summary.resumed, desc="purify",
                   unit="img") as bar, open(job.output_dir / MANIFEST, "a") as mf:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             t0 = time.perf_counter()
-            for rec, png in _records(batch, root, job.input_dir, job.config.steps):
+            records = []
+            for rec, png in _records(batch, root, job.input_dir, job.config.steps, threshold,
+                                     labels):
                 if rec["status"] == "ok":  # the file is in place before its record
                     write_atomic(job.output_dir / rec["output"], png)
                     summary.ok += 1
@@ -127,36 +131,32 @@ def _write_results(ds, job: FolderJob, root: Path, summary: Summary) -> float:
                 else:
                     log.error("%s", rec["error"])
                     summary.failed += 1
-                mf.write(json.dumps(rec) + "\n")
-            mf.flush()
-            os.fsync(mf.fileno())
+                records.append(rec)
+            append_records(mf, records)
             seconds += time.perf_counter() - t0
             bar.update(len(batch["status"]))
     return seconds
 
 
-def _records(batch: dict[str, np.ndarray], root: Path, input_dir: Path, steps: int):
-    """Manifest records (the same fields, in the same order, as ``purify``'s) and PNG bytes."""
+def _records(batch: dict[str, np.ndarray], root: Path, input_dir: Path, steps: int,
+             threshold: float | None, labels: list[str] | None):
+    """The manifest records of an output batch (by ``contract.image_record``) and PNG bytes."""
     for i, path in enumerate(batch["path"]):
         path = str(path)
         rel = Path(os.path.relpath(path, root))
         if batch["status"][i] != "ok":
             # Name the file as purify does: the --input folder as given, not the resolved one.
             error = str(batch["error"][i]).replace(path, str(input_dir / rel), 1)
-            yield {"path": str(rel), "status": "error", "error": error}, b""
+            yield image_record(str(rel), error=error), b""
             continue
-        rec = {"path": str(rel), "status": "ok", "output": str(output_name(rel)),
-               "r_before": round(float(batch["r_before"][i]), 6),
-               "r_after": round(float(batch["r_after"][i]), 6),
-               "flagged": bool(batch["flagged"][i]),
-               "active_steps": int(batch["active_steps"][i]), "steps": steps}
-        if "label_before" in batch:
-            rec["label_before"] = int(batch["label_before"][i])
-            rec["label_after"] = int(batch["label_after"][i])
-            if "class_before" in batch:
-                rec["class_before"] = str(batch["class_before"][i])
-                rec["class_after"] = str(batch["class_after"][i])
-        yield rec, bytes(batch["png"][i])
+        with_labels = "label_before" in batch
+        yield image_record(
+            str(rel), output=str(output_name(rel)), r_before=batch["r_before"][i],
+            r_after=batch["r_after"][i], threshold=threshold,
+            active_steps=batch["active_steps"][i], steps=steps,
+            label_before=batch["label_before"][i] if with_labels else None,
+            label_after=batch["label_after"][i] if with_labels else None,
+            labels=labels), bytes(batch["png"][i])
 
 
 _ERROR_LINE = re.compile(r"^(apudae_engine(?:\.\w+)*)\.(\w+): (.+)$", re.MULTILINE)
