@@ -20,6 +20,8 @@ _LAZY = {
     "purify_folder": ("apudae_engine.folder.local", "purify_folder"),
     "FolderJob": ("apudae_engine.folder.local", "FolderJob"),
     "load_classifier": ("apudae_engine.method.checkpoint", "load_classifier"),
+    "purify_dataset": ("apudae_engine.folder.ray_dataset", "purify_dataset"),
+    "PurifyBatches": ("apudae_engine.folder.ray_dataset", "PurifyBatches"),
 }
 
 __all__ = ["__version__", *_LAZY]
