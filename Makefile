@@ -2,10 +2,10 @@
 # Every target installs what it needs first, so each works on a fresh machine.
 #
 # Everything is installed into the project-local virtual environment .venv: no root, nothing
-# outside the repository, and Debian's externally managed Python is left alone. uv creates the
-# environment when it is on PATH, `python3 -m venv` otherwise. Either way the packages are
-# installed by the environment's own pip, so this machine's pip configuration (index,
-# find-links, constraints in pip.conf or PIP_* variables) applies as it does to any pip.
+# outside the repository, and Debian's externally managed Python is left alone. `python3 -m
+# venv` creates the environment, or uv where the venv module is missing. Either way the
+# packages are installed by the environment's own pip, so this machine's pip configuration
+# (index, find-links, constraints in pip.conf or PIP_* variables) applies as to any pip.
 PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
@@ -19,13 +19,16 @@ install: $(VENV)/.installed
 
 venv: $(VPY)
 
-# A failed `python3 -m venv` (Debian without python3-venv) leaves a .venv without pip behind;
-# it is removed so the next run does not mistake it for a working one.
+# `python3 -m venv` first: it needs no network, and its pip comes from Python itself. Where the
+# venv module is missing (Debian without python3-venv) it fails and leaves a .venv without pip,
+# which is removed; uv, when on PATH, then creates the environment (`--seed` fetches pip
+# through uv's own index and TLS settings, not pip's).
 $(VPY):
-	@if command -v uv >/dev/null 2>&1; then \
-	  uv venv --quiet --seed --python "$$(command -v $(PY))" $(VENV); \
-	elif ! $(PY) -m venv $(VENV); then \
-	  rm -rf $(VENV); \
+	@if $(PY) -m venv $(VENV); then :; \
+	elif rm -rf $(VENV) && command -v uv >/dev/null 2>&1; then \
+	  echo "make: '$(PY) -m venv' failed; creating $(VENV) with uv"; \
+	  uv venv --quiet --seed --python "$$(command -v $(PY))" $(VENV) || { rm -rf $(VENV); exit 1; }; \
+	else \
 	  echo "make: could not create $(VENV) with '$(PY) -m venv'. On Debian/Ubuntu install the venv"; \
 	  echo "  module (sudo apt-get install python3-venv), or put uv on PATH, then rerun make."; \
 	  exit 1; \
