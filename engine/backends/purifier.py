@@ -14,6 +14,7 @@ from apudae_engine.core.errors import UserError
 from apudae_engine.core.host import resolve_device
 from apudae_engine.method.checkpoint import Checkpoint, load_checkpoint
 from apudae_engine.method.config import PurifyConfig
+from apudae_engine.method.detection import flag_threshold
 from apudae_engine.method.purification import PurifyResult, reconstruction_error
 
 log = logging.getLogger(__name__)
@@ -83,10 +84,13 @@ class Purifier(nn.Module):
         return self.checkpoint.input_shape if self.checkpoint else None
 
     def flag_threshold(self) -> float | None:
-        """Errors above mu + flag_k * sigma mark an image as likely adversarial."""
-        if self.mu is None or self.sigma is None:
-            return None
-        return self.mu + self.config.flag_k * self.sigma
+        """Errors above this mark an image as likely adversarial (``method.detection``: the
+        calibrated threshold at ``config.flag_fpr``, or mu + flag_k * sigma); None without
+        calibration."""
+        calibration = dict(self.checkpoint.calibration or {}) if self.checkpoint else {}
+        calibration.setdefault("mu", self.mu)
+        calibration.setdefault("sigma", self.sigma)
+        return flag_threshold(calibration, self.config.flag_fpr, self.config.flag_k)
 
     def reconstruction_error(self, x: torch.Tensor) -> torch.Tensor:
         """r(x): (N, C, H, W) -> (N,)."""

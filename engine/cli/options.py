@@ -21,8 +21,13 @@ def add_purify_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--compat", action="store_true", help="reproduce the authors' code: sigma "
                    "0.5 and no clipping to [0, 1]")
-    g.add_argument("--flag-k", type=float, default=3.0, help="flag an image when its error "
-                   "exceeds mu + k*sigma (default 3)")
+    flag = g.add_mutually_exclusive_group()
+    flag.add_argument("--flag-fpr", type=float, default=None, metavar="RATE", help="flag an "
+                      "image as likely adversarial when its error exceeds the threshold that "
+                      "this share of clean calibration images exceeds (default: the model's, "
+                      "0.05)")
+    flag.add_argument("--flag-k", type=float, default=None, help="flag when the error exceeds "
+                      "mu + k*sigma instead")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     g.add_argument("--backend", default="reference", choices=("reference", "compiled",
                    "tensorrt", "auto"), help="reference (default, eager autograd), compiled "
@@ -37,5 +42,6 @@ def purify_config(a: argparse.Namespace):
     from apudae_engine.method.config import PurifyConfig
 
     kw = dict(method=a.method, steps=a.steps, lr=a.lr, noise=not a.no_noise,
-              noise_eps=a.noise_eps, seed=a.seed, flag_k=a.flag_k)
+              noise_eps=a.noise_eps, seed=a.seed, flag_k=a.flag_k,
+              flag_fpr=a.flag_fpr)
     return PurifyConfig.compat(**kw) if a.compat else PurifyConfig(**kw)

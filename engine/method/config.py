@@ -27,7 +27,10 @@ class PurifyConfig:
         seed: keys the counter-based noise together with each image's identity.
         clip: clamp purified images to [0, 1] (the authors' code does not).
         sigma_override: use this sigma instead of the calibrated one.
-        flag_k: an image is flagged as likely adversarial when r > mu + flag_k * sigma.
+        flag_fpr: flag an image as likely adversarial when its error exceeds the threshold
+            that this share of clean calibration images exceeds (None: the model's own
+            default, 5 %); see ``method.detection``.
+        flag_k: flag when r > mu + flag_k * sigma instead (None: use ``flag_fpr``).
     Example: ``PurifyConfig(method="adaptive", steps=13, seed=1)``; ``PurifyConfig.compat()``
     reproduces the authors' code (sigma 0.5, no clipping).
     """
@@ -44,7 +47,8 @@ class PurifyConfig:
     seed: int = 0
     clip: bool = True
     sigma_override: float | None = None
-    flag_k: float = 3.0
+    flag_fpr: float | None = None
+    flag_k: float | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -66,6 +70,10 @@ class PurifyConfig:
             raise ValueError("noise_eps and noise_max_scale must be non-negative")
         if self.sigma_override is not None and self.sigma_override <= 0:
             raise ValueError(f"sigma_override must be positive, got {self.sigma_override}")
+        if self.flag_fpr is not None and not 0.0 < self.flag_fpr < 1.0:
+            raise ValueError(f"flag_fpr must lie in (0, 1), got {self.flag_fpr}")
+        if self.flag_fpr is not None and self.flag_k is not None:
+            raise ValueError("give flag_fpr or flag_k, not both")
         if not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must lie in [0, 2**32), got {self.seed}")
 

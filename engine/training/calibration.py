@@ -20,6 +20,7 @@ import torch
 from apudae_engine.core.errors import UserError
 from apudae_engine.images.datasets import load_dataset
 from apudae_engine.method.checkpoint import load_checkpoint, update_metadata
+from apudae_engine.method.detection import DEFAULT_FPR, fpr_table
 from apudae_engine.method.purification import reconstruction_errors
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,10 @@ def calibrate(dae_path: str | Path, dataset: str = "fashion-mnist", limit: int |
         "mu": float(r.mean()), "sigma": float(r.std(unbiased=True)), "n": len(data),
         "data": data.source, "error": "per-image sum of squared error, images in [0, 1]",
         "quantiles": {q: float(torch.quantile(r, float(q))) for q in ("0.5", "0.95", "0.99")},
+        # flagged = r above the threshold at flag_fpr (method.detection); --flag-fpr picks
+        # another rate from this table.
+        "flag_fpr": DEFAULT_FPR,
+        "fpr_thresholds": fpr_table(r),
         "command": " ".join(shlex.quote(a) for a in ["apudae-engine", *sys.argv[1:]]),
     }
     if not math.isfinite(stats["mu"]) or not stats["sigma"] > 0:
