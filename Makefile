@@ -43,10 +43,7 @@ $(VENV)/.installed: pyproject.toml $(VPY)
 	         "$(TORCH_CPU_INDEX); point pip at it (PIP_FIND_LINKS=DIR, or make TORCH_CPU_INDEX=URL)"; \
 	    exit 1; }
 	$(PIP) -e '.[test,triton,onnx,dali,ray]' matplotlib   # DALI and Ray: tested on the CPU
-	# torchattacks declares torchvision and an old requests as dependencies, which would replace
-	# our torch build; its code imports neither, so it is installed without them.
-	$(PIP) --no-deps torchattacks==3.5.1
-	$(PIP) scipy
+	$(PIP) -e '.[eval]'   # ART: numpy, scipy, scikit-learn, never torch (scripts/check_extras.sh)
 	touch $@
 
 # Real data for training and evaluation; the tests that read it skip without it. Debian's

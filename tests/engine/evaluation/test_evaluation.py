@@ -12,9 +12,11 @@ from robust_task import quadrant_set, trained_model_folder
 import apudae_engine.evaluation.run as evaluation
 from apudae_engine.cli import main
 from apudae_engine.core.errors import UserError
-from apudae_engine.evaluation.attacks import DEFENSE_AWARE_ATTACKS, LIBRARY_ATTACKS
+from apudae_engine.evaluation.attacks import LIBRARY_ATTACKS, attack_names
 from apudae_engine.evaluation.config import DEFENSES, EvalConfig
 from apudae_engine.evaluation.run import WORST_CASE, evaluate, roc_auc
+
+DEFAULT_AWARE = attack_names(defense_aware=True, default_only=True)
 
 FILES = ("results.json", "results.md", "per_image.npz", "accuracy_vs_eps.png",
          "error_histogram.png", "examples.png")
@@ -42,7 +44,7 @@ def quick_results(tmp_path_factory):
 
 
 def test_quick_evaluation_writes_every_output(quick_results):
-    pytest.importorskip("torchattacks")
+    pytest.importorskip("art")
     pytest.importorskip("matplotlib")
     results, out = quick_results
     for name in FILES:
@@ -60,11 +62,11 @@ def test_quick_evaluation_writes_every_output(quick_results):
 
 
 def test_quick_tables_have_the_expected_shape(quick_results):
-    pytest.importorskip("torchattacks")
+    pytest.importorskip("art")
     results, _ = quick_results
     obl, aware = results["oblivious"], results["defense_aware"]
     assert list(obl) == ["clean", "noise", *LIBRARY_ATTACKS, WORST_CASE]
-    assert list(aware) == ["clean", *DEFENSE_AWARE_ATTACKS, WORST_CASE]
+    assert list(aware) == ["clean", *DEFAULT_AWARE, WORST_CASE]
     assert obl[WORST_CASE]["over"] == ["fgsm", "rfgsm", "pgd", "autoattack"]
     for table, n in ((obl, 48), (aware, 8)):
         worst = table[WORST_CASE]
@@ -83,7 +85,7 @@ def test_quick_tables_have_the_expected_shape(quick_results):
             if row["perturbation"] is not None:
                 p = row["perturbation"]
                 assert p["max"] <= p["eps"] * (1 + 1e-5)
-    for name in (*LIBRARY_ATTACKS, *DEFENSE_AWARE_ATTACKS):
+    for name in (*LIBRARY_ATTACKS, *DEFAULT_AWARE):
         table = obl if name in obl else aware
         assert table[name]["budget"]["images"] == table[name]["n"]
     assert aware["pgd-eot"]["budget"]["per_image"]["purifier_backward"] == 3
@@ -94,7 +96,7 @@ def test_quick_tables_have_the_expected_shape(quick_results):
 
 
 def test_undefended_accuracy_collapses_under_pgd_and_the_sweep_reuses_it(quick_results):
-    pytest.importorskip("torchattacks")
+    pytest.importorskip("art")
     results, _ = quick_results
     obl, sweep = results["oblivious"], results["sweep"]
     assert obl["clean"]["accuracy"]["none"] >= 0.9
@@ -108,7 +110,7 @@ def test_undefended_accuracy_collapses_under_pgd_and_the_sweep_reuses_it(quick_r
 
 
 def test_cli_evaluate_runs_and_reports(quadrant_data, tmp_path, capsys):
-    pytest.importorskip("torchattacks")
+    pytest.importorskip("art")
     out = tmp_path / "ev"
     code = main(["evaluate", "--model", str(trained_model_folder()), "--quick", "--limit", "16",
                  "--attacks", "fgsm", "--aware-attacks", "bpda", "--aware-limit", "4",
