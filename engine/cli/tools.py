@@ -33,10 +33,12 @@ def _load_dae(model: str):
 
 
 def register_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export the step graph (r and dr/dy) to .pt2 and ONNX",
+    p = sub.add_parser("export", help="export the step graph (r and dr/dy), or with --whole "
+                       "the complete purification, to .pt2 and ONNX",
                        description="Write OUT.pt2 (torch.export), OUT.onnx and OUT.json (model "
-                       "hash, mu, sigma, input shape) for the DAE's forward-only step graph "
-                       "with a dynamic batch dimension.")
+                       "hash, mu, sigma, input shape) for the DAE's forward-only step graph, or "
+                       "with --whole for the complete adaptive purification, with a dynamic "
+                       "batch dimension.")
     p.add_argument("--model", default="fmnist", help="bundled model name or DAE checkpoint path")
     p.add_argument("--out", required=True, help="output path stem (writes .pt2, .onnx, .json)")
     p.add_argument("--max-batch", type=int, default=4096, help="largest batch the graph takes")
@@ -44,6 +46,26 @@ def register_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     p.add_argument("--aoti", action="store_true", help="also compile OUT.aoti.pt2, an "
                    "AOTInductor package for the C++ runner (needs a C++ compiler; ~1 min)")
+    w = p.add_argument_group("whole purification (--whole)")
+    w.add_argument("--whole", action="store_true", help="export the complete adaptive "
+                   "purification (noise, hinge, Adam, clip, every step) instead of one step: "
+                   "images [, image_ids, seed] -> purified, r_before, r_after, active_steps, "
+                   "flagged")
+    w.add_argument("--with-classifier", nargs="?", const="default", default=None,
+                   metavar="CLASSIFIER", help="append the classifier (the bundled model's, or "
+                   "a name or path) so the graph also outputs logits")
+    w.add_argument("--steps", type=int, default=None, help="purification steps (default 13)")
+    w.add_argument("--lr", type=float, default=None, help="Adam step size (default 2/255)")
+    w.add_argument("--noise-eps", type=float, default=0.7 / 255, help="eps_n (default 0.7/255)")
+    w.add_argument("--no-noise", action="store_true", help="no adaptive noise (deterministic)")
+    w.add_argument("--seed", type=int, default=0, help="default of the graph's seed input")
+    w.add_argument("--compat", action="store_true", help="the authors' code: sigma 0.5, no "
+                   "clipping")
+    flag = w.add_mutually_exclusive_group()
+    flag.add_argument("--flag-fpr", type=float, default=None, metavar="RATE", help="flag at this "
+                      "false-positive rate on clean calibration data (default: the model's)")
+    flag.add_argument("--flag-k", type=float, default=None, help="flag when r_before > mu + "
+                      "k*sigma instead")
     p.set_defaults(func=_cmd_export)
 
 
@@ -57,6 +79,8 @@ def _cmd_export(a: argparse.Namespace) -> int:
     stem = Path(a.out)
     if stem.suffix in (".pt2", ".onnx", ".json"):
         stem = stem.with_suffix("")
+    if a.whole:
+        return _export_whole(a, ck, mu, sigma, stem)
     paths = export_step(ck.model, ck.input_shape, stem, mu=mu, sigma=sigma,
                         max_batch=a.max_batch, onnx=not a.no_onnx, opset=a.opset,
                         source={"checkpoint": str(ck.path), "weights_sha256": ck.weights_sha256})
@@ -65,6 +89,45 @@ def _cmd_export(a: argparse.Namespace) -> int:
 
         paths["aoti"] = package_step(ck.model, ck.input_shape, stem.with_suffix(".aoti.pt2"),
                                      a.max_batch)
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def _export_whole(a: argparse.Namespace, ck, mu, sigma, stem: Path) -> int:
+    from apudae_engine.backends.export import export_whole
+    from apudae_engine.backends.purifier import Purifier
+    from apudae_engine.core.errors import UserError
+    from apudae_engine.method.checkpoint import load_classifier
+    from apudae_engine.method.config import PurifyConfig
+
+    if mu is None or sigma is None:
+        raise UserError(f"{a.model}: the DAE has no calibration; run `apudae-engine calibrate`")
+    kw = dict(steps=a.steps, lr=a.lr, noise=not a.no_noise, noise_eps=a.noise_eps, seed=a.seed)
+    kw.update({k: v for k, v in (("flag_k", a.flag_k), ("flag_fpr", a.flag_fpr)) if v is not None})
+    try:
+        config = PurifyConfig.compat(**kw) if a.compat else PurifyConfig(**kw)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    threshold = Purifier(ck.model, mu, sigma, config, checkpoint=ck).flag_threshold()
+    source = {"checkpoint": str(ck.path), "weights_sha256": ck.weights_sha256}
+    classifier = None
+    if a.with_classifier:
+        spec = None if a.with_classifier == "default" else a.with_classifier
+        clf = load_classifier(a.model, spec)
+        if clf is None:
+            raise UserError(f"{a.model} has no default classifier; pass --with-classifier PATH")
+        classifier = clf.model
+        source.update(classifier=str(clf.path), classifier_weights_sha256=clf.weights_sha256,
+                      labels=clf.meta.get("labels"))
+    log.info("exporting the whole purification (%d steps, noise %s); the ONNX translation "
+             "takes a few minutes", config.steps, "on" if config.noise else "off")
+    paths = export_whole(ck.model, ck.input_shape, stem, mu, sigma, config, threshold, classifier,
+                         a.max_batch, onnx=not a.no_onnx, opset=a.opset, source=source)
+    if a.aoti:
+        from apudae_engine.backends.aoti import package_whole
+
+        paths["aoti"] = package_whole(paths["json"])
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0
