@@ -54,7 +54,8 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
         model=a.model, classifier=a.classifier, dataset=a.dataset, data_dir=a.data_dir,
         split=a.split, limit=a.limit, aware_limit=a.aware_limit, aware_target=a.aware_target,
         eps=a.eps, eps_l2=a.eps_l2, sweep=a.sweep, sweep_limit=a.sweep_limit, steps=a.steps,
-        aware_steps=a.aware_steps, eot=a.eot, square_queries=a.square_queries,
+        aware_steps=a.aware_steps, eot=a.eot, draws=a.draws, restarts=a.restarts,
+        square_queries=a.square_queries,
         batch_size=a.batch, aware_batch_size=a.aware_batch, seed=a.seed, quick=a.quick,
         device=a.device, backend=a.backend, out_dir=a.out, examples=a.examples, **kw)
     results = evaluate(config)
@@ -106,6 +107,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--aware-steps", type=int, default=None, help="steps of defense-aware "
                    "attacks (default: PGD-EOT 20, BPDA 40, below-mu 100)")
     p.add_argument("--eot", type=int, default=None, help="noise draws per gradient (default 4)")
+    p.add_argument("--draws", type=int, default=4, help="noise draws: defense-aware rows are "
+                   "scored on this many held-out seeds of the target (mean and all-correct), and "
+                   "APGD attacks check each iterate on as many other seeds (default 4)")
+    p.add_argument("--restarts", type=int, default=1, help="random restarts of the APGD "
+                   "attacks (default 1: no restart)")
     p.add_argument("--square-queries", type=int, default=None, help="AutoAttack Square queries "
                    "(default 5000)")
     p.add_argument("--batch", type=int, default=250)

@@ -2,7 +2,9 @@
 
 Epsilons follow each dataset's conventions unless given: 28x28 grey data (Fashion-MNIST,
 MNIST) L-inf 0.1 and L2 1.5, CIFAR-10 L-inf 8/255 and L2 0.5. ``quick`` shrinks everything to
-a CI-sized smoke run.
+a CI-sized smoke run. Defense-aware rows are also scored on ``draws`` held-out noise seeds of
+the target defense (mean over the draws, and correct on all of them); the APGD attacks check
+their iterates on ``draws`` other seeds and restart ``restarts`` times.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ class EvalConfig:
     steps: int | None = None
     aware_steps: int | None = None
     eot: int | None = None
+    draws: int = 4
+    restarts: int = 1
     square_queries: int | None = None
     batch_size: int = 250
     aware_batch_size: int = 32
@@ -77,7 +81,7 @@ class EvalConfig:
             raise UserError(f"--aware-target must be a purifying defense "
                             f"({', '.join(DEFENSES[1:])}), got {self.aware_target!r}")
         for name in ("limit", "aware_limit", "sweep_limit", "steps", "aware_steps", "eot",
-                     "square_queries"):
+                     "square_queries", "draws", "restarts"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -114,4 +118,5 @@ class EvalConfig:
             steps = cls.quick_steps
         default_eps = self.eps_l2 if cls.norm == "L2" else self.eps
         return AttackSpec(name, eps=eps or default_eps, steps=steps, seed=self.seed,
-                          eot=self.eot if aware else 1, square_queries=self.square_queries)
+                          eot=self.eot if aware else 1, square_queries=self.square_queries,
+                          draws=self.draws, restarts=self.restarts)

@@ -108,6 +108,53 @@ def _budget_table(tables: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _draws_table(table: dict[str, Any], s: dict[str, Any]) -> list[str]:
+    """The target defense's accuracy on its own seed and on held-out noise draws."""
+    rows = [(n, e) for n, e in table.items() if e.get("draws")]
+    if not rows:
+        return []
+    target, k = s["aware_target"], rows[0][1]["draws"]["k"]
+    seeds = ", ".join(str(v) for v in rows[0][1]["draws"]["seeds"])
+    out = [f"### {DEFENSE_LABELS[target]} as a randomized defense: {k} held-out noise draws", "",
+           f"*defense's seed*: the deployed purifier (seed {s['seed']}, noise keyed by a pixel "
+           "fingerprint, so deterministic), which the APGD attacks check their iterates on "
+           f"(the attacker knows the seed). *held-out draws*: seeds {seeds}, which no attack "
+           f"used for a gradient or a check; *mean* over the {k} draws and *correct on all "
+           f"{k}*.", "",
+           f"| input | defense's seed | mean over {k} held-out draws | correct on all {k} |",
+           "|---|---|---|---|"]
+    for name, e in rows:
+        d = e["draws"]
+        label = (f"**worst case per image** over the {len(e['over'])} L∞ attacks above"
+                 if "over" in e else _row_label(name, e))
+        out.append(f"| {label} | {_pct(e['accuracy'][target])} | {_pct(d['mean'])} | "
+                   f"{_pct(d['all'])} |")
+    return out + [""]
+
+
+def _suite_table(table: dict[str, Any]) -> list[str]:
+    """Per member of an attack suite: images it attacked and left fooled on every draw."""
+    out = []
+    for name, e in table.items():
+        b = e.get("budget")
+        members = (b or {}).get("settings", {}).get("members")
+        if not members:
+            continue
+        st = b["settings"]
+        out += [f"### {row_label(name)}: members in turn (each on the images not yet fooled "
+                f"on all {st['selection_draws']} selection draws), n = {e['n']}", "",
+                "| member | images attacked | fooled on all selection draws | iterations | "
+                "purifier bwd |", "|---|---|---|---|---|"]
+        for m in members:
+            if f"{m}_images_count" not in st:
+                continue
+            out.append(f"| {row_label(m)} | {st[f'{m}_images_count']} | "
+                       f"{st[f'{m}_fooled_count']} | {st[f'{m}_iterations_count']} | "
+                       f"{st[f'{m}_purifier_backward_count']} |")
+        out.append("")
+    return out
+
+
 def markdown(results: dict[str, Any]) -> str:
     s = results["settings"]
     defenses = list(s["defenses"])
@@ -139,6 +186,8 @@ def markdown(results: dict[str, Any]) -> str:
         out += [f"## Defense-aware attacks (crafted against {s['aware_target']}), "
                 f"n = {s['aware_n']} (the first {s['aware_n']} images)", ""]
         out += _accuracy_table(results["defense_aware"], defenses) + [""]
+        out += _draws_table(results["defense_aware"], s)
+        out += _suite_table(results["defense_aware"])
     sw = results["sweep"]
     if len(sw["eps"]) > 1:
         out += [f"## Accuracy against PGD L∞ eps ({sw['steps']} steps), n = {sw['n']}", "",

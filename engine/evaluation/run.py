@@ -30,6 +30,7 @@ from apudae_engine.core.host import describe, resolve_device
 from apudae_engine.core.numerics import ieee_fp32_convolutions
 from apudae_engine.core.progress import progress
 from apudae_engine.evaluation.attacks import AttackBudget, AttackSpec, perturbation_norm, run_attack
+from apudae_engine.evaluation.attacks.aware import held_out_seeds
 from apudae_engine.evaluation.config import EvalConfig
 from apudae_engine.images.datasets import load_dataset
 from apudae_engine.method.checkpoint import classifier_source, load_checkpoint
@@ -74,6 +75,8 @@ class _Row:
     attack_seconds: float = 0.0
     defense_seconds: dict[str, float] = field(default_factory=dict)
     examples: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Defense-aware rows: per image, held-out noise draws of the target classified correctly.
+    draw_correct: list[torch.Tensor] = field(default_factory=list)
 
     def cat(self) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         correct = {d: torch.cat(v) for d, v in self.correct.items()}
@@ -150,6 +153,17 @@ class Evaluator:
                 x = purify(pur.dae, x, pur.config, pur.mu, pur.sigma).images
         return self.classifier(x).argmax(1), x
 
+    @torch.no_grad()
+    def _held_out_correct(self, pur: Purifier, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per image, how many of ``draws`` held-out noise seeds (none seen by an attack)
+        leave ``pur``'s prediction correct: (N,) int64."""
+        count = torch.zeros(x.shape[0], dtype=torch.int64)
+        for seed in held_out_seeds(self.config.draws):
+            with ieee_fp32_convolutions(x.device):
+                xp = purify(pur.dae, x, pur.config.with_(seed=seed), pur.mu, pur.sigma).images
+            count += (self.classifier(xp).argmax(1) == y).cpu().to(torch.int64)
+        return count
+
     def run_rows(self, rows: list[str | AttackSpec], count: int, batch: int, purifier,
                  title: str) -> list[_Row]:
         """Craft each row's inputs for the first ``count`` images and score every defense."""
@@ -188,6 +202,8 @@ class Evaluator:
                         acc.correct.setdefault(name, []).append((pred == y).cpu())
                         if b == 0 and name in ("none", c.aware_target):
                             acc.examples[name] = shown[:c.examples].cpu()
+                    if purifier is not None and c.draws:
+                        acc.draw_correct.append(self._held_out_correct(purifier, adv, y))
                     bar.update(x.shape[0])
         finally:
             bar.close()
@@ -214,10 +230,12 @@ class Evaluator:
                 "attack_seconds": round(row.attack_seconds, 2),
                 "defense_seconds": {d: round(s, 2) for d, s in row.defense_seconds.items()},
             }
+            if row.draw_correct:
+                entry["draws"] = _draw_summary(torch.cat(row.draw_correct), self.config.draws)
             table[row.name] = entry
             log.info("%-10s accuracy %s", row.name, ", ".join(
                 f"{d} {a:.2%}" for d, a in entry["accuracy"].items()))
-        worst = _worst_case(rows)
+        worst = _worst_case(rows, self.config.draws)
         if worst is not None:
             table[WORST_CASE] = worst
         return table
@@ -278,7 +296,9 @@ class Evaluator:
             "quick": c.quick, "seed": c.seed, "attack_seed": f"seed + {_SEED_STRIDE} * batch index",
             "defense_backend": self.backend.name if self.backend else "reference",
             "eps_linf": c.eps, "eps_l2": c.eps_l2,
-            "eot": c.eot, "batch_size": c.batch_size, "aware_batch_size": c.aware_batch_size,
+            "eot": c.eot, "draws": c.draws, "held_out_seeds": held_out_seeds(c.draws),
+            "restarts": c.restarts, "batch_size": c.batch_size,
+            "aware_batch_size": c.aware_batch_size,
             "aware_target": c.aware_target, "attacks": specs,
             "defenses": {d: (None if p is None else p.config.to_dict())
                          for d, p in self.defenses.items()},
@@ -299,7 +319,7 @@ def _hardware(device: torch.device) -> dict[str, Any]:
     return describe(device)  # taken at the end: the load says how contended the run was
 
 
-def _worst_case(rows: list[_Row]) -> dict[str, Any] | None:
+def _worst_case(rows: list[_Row], draws: int = 0) -> dict[str, Any] | None:
     """Per-image worst case over the L-inf attack rows: correct only if every attack failed."""
     attacked = [r for r in rows if r.budget is not None and r.norm == "Linf"]
     if len(attacked) < 2:
@@ -308,9 +328,21 @@ def _worst_case(rows: list[_Row]) -> dict[str, Any] | None:
     acc = {d: round(torch.stack([c[d] for c in correct]).all(dim=0).float().mean().item(), 4)
            for d in correct[0]}
     log.info("%-10s accuracy %s", WORST_CASE, ", ".join(f"{d} {a:.2%}" for d, a in acc.items()))
-    return {"n": int(correct[0][next(iter(acc))].numel()), "accuracy": acc,
-            "over": [r.name for r in attacked], "reconstruction_error": None,
-            "detection_auc": None, "perturbation": None, "budget": None}
+    out = {"n": int(correct[0][next(iter(acc))].numel()), "accuracy": acc,
+           "over": [r.name for r in attacked], "reconstruction_error": None,
+           "detection_auc": None, "perturbation": None, "budget": None}
+    if draws and all(r.draw_correct for r in attacked):
+        counts = torch.stack([torch.cat(r.draw_correct) for r in attacked]).amin(dim=0)
+        out["draws"] = _draw_summary(counts, draws)
+    return out
+
+
+def _draw_summary(counts: torch.Tensor, k: int) -> dict[str, Any]:
+    """Robust accuracy of a randomized defense from per-image correct counts over k held-out
+    draws: the mean over the draws and the share correct on all k."""
+    return {"k": k, "seeds": held_out_seeds(k),
+            "mean": round((counts.double() / k).mean().item(), 4),
+            "all": round((counts == k).double().mean().item(), 4)}
 
 
 def _accuracy(row: _Row, count: int) -> dict[str, float]:

@@ -44,22 +44,37 @@ def purified_logits(classifier: nn.Module, purifier: Purifier, x: torch.Tensor, 
     return classifier(out)
 
 
+# Seeds the attacks draw noise with lie below 2**31; held-out evaluation draws lie above
+# (``held_out_seeds``), so no attack ever optimises against or selects on them.
+ATTACK_SEED_SPACE = 2**31
+
+
 def _eot_seed(base: int, step: int, draw: int, eot: int) -> int:
-    return (1_000_003 * (base + 1) + step * eot + draw) % 2**32
+    return (1_000_003 * (base + 1) + step * eot + draw) % ATTACK_SEED_SPACE
 
 
-def eot_gradient(mode: str, classifier: nn.Module, purifier: Purifier, x: torch.Tensor,
-                 y: torch.Tensor, seeds: list[int], loss: str = "ce",
-                 image_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """Gradient of the mean over noise seeds of sum_batch loss(classifier(purify(x)), y).
+def held_out_seeds(k: int) -> list[int]:
+    """k noise seeds no attack uses (all >= 2**31): the fresh draws robust accuracy is scored
+    on."""
+    return [ATTACK_SEED_SPACE + 7_919 * (j + 1) for j in range(k)]
+
+
+def eot_objective(mode: str, classifier: nn.Module, purifier: Purifier, x: torch.Tensor,
+                  y: torch.Tensor, seeds: list[int], loss: str = "ce",
+                  image_ids: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean over noise seeds of loss(classifier(purify(x)), y), its gradient, and whether any
+    draw misclassified: ((N,), (N, C, H, W), (N,) bool).
 
     ``mode``: ``full`` differentiates through the unrolled purification loop; ``bpda`` uses
     the identity as the purifier's backward pass, ``bpda-dae`` the DAE (clamped to [0, 1]).
-    Shapes: x (N, C, H, W), y (N,) -> (N, C, H, W).
+    The loss value is always that of the true purifier.
     """
     from apudae_engine.method.purification import purify
 
     grad = torch.zeros_like(x)
+    value = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+    wrong = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     for seed in seeds:
         xr = x.detach().requires_grad_(True)
         with torch.enable_grad():
@@ -72,13 +87,24 @@ def eot_gradient(mode: str, classifier: nn.Module, purifier: Purifier, x: torch.
                                 image_ids).images
                 surrogate = xr if mode == "bpda" else purifier.dae(xr).clamp(0, 1)
                 logits = classifier(surrogate + (xp - surrogate).detach())
-            value = classifier_loss(logits, y, loss).sum()
-            (g,) = torch.autograd.grad(value, xr)
+            per_image = classifier_loss(logits, y, loss)
+            (g,) = torch.autograd.grad(per_image.sum(), xr)
         grad += g
+        value += per_image.detach()
+        wrong |= logits.detach().argmax(1) != y
     grad /= len(seeds)
     if not torch.isfinite(grad).all():
         raise RuntimeError(f"{mode} gradient through the purifier is not finite")
-    return grad
+    return value / len(seeds), grad, wrong
+
+
+def eot_gradient(mode: str, classifier: nn.Module, purifier: Purifier, x: torch.Tensor,
+                 y: torch.Tensor, seeds: list[int], loss: str = "ce",
+                 image_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Gradient of the mean over noise seeds of sum_batch loss(classifier(purify(x)), y)
+    (:func:`eot_objective`'s gradient). Shapes: x (N, C, H, W), y (N,) -> (N, C, H, W).
+    """
+    return eot_objective(mode, classifier, purifier, x, y, seeds, loss, image_ids)[1]
 
 
 def _ascent(spec: AttackSpec, x: torch.Tensor, random_start: bool,

@@ -64,11 +64,15 @@ class AttackSpec:
         alpha: step size of iterative attacks (None: 2.5 * eps / steps, Madry et al.'s rule).
         eot: noise draws averaged per gradient (defense-aware attacks).
         seed: seeds random starts and the EOT noise draws.
-        loss: ``ce`` or ``margin`` (None: the class's ``default_loss``).
+        loss: ``ce``, ``margin`` or ``dlr`` (None: the class's ``default_loss``).
         penalty: lambda of the ``below-mu`` reconstruction penalty.
         kappa: cap on the ``below-mu`` classifier margin (beyond it only the penalty acts).
         square_queries: queries of AutoAttack's Square attack (5000 in the original).
         cw_c: C&W trade-off constant.
+        restarts: random restarts of the APGD attacks (later ones only on images not yet
+            fooled).
+        draws: noise draws the APGD attacks check each iterate on (the defense's own seed
+            first, then seeds no gradient used) for best-so-far and early stop.
     """
 
     name: str
@@ -82,6 +86,8 @@ class AttackSpec:
     kappa: float = 5.0
     square_queries: int = 5000
     cw_c: float = 1.0
+    restarts: int = 1
+    draws: int = 4
 
     def __post_init__(self) -> None:
         cls = attack_class(self.name)
@@ -89,12 +95,12 @@ class AttackSpec:
             raise ValueError(f"eps must be positive, got {self.eps}")
         if self.steps is None:
             object.__setattr__(self, "steps", cls.default_steps)
-        if self.steps < 1 or self.eot < 1 or self.square_queries < 1:
-            raise ValueError("steps, eot and square_queries must be at least 1")
+        if min(self.steps, self.eot, self.square_queries, self.restarts, self.draws) < 1:
+            raise ValueError("steps, eot, square_queries, restarts and draws must be at least 1")
         if self.loss is None:
             object.__setattr__(self, "loss", cls.default_loss)
-        if self.loss not in ("ce", "margin"):
-            raise ValueError(f"loss must be ce or margin, got {self.loss!r}")
+        if self.loss not in ("ce", "margin", "dlr"):
+            raise ValueError(f"loss must be ce, margin or dlr, got {self.loss!r}")
 
     @property
     def norm(self) -> str:
@@ -278,9 +284,26 @@ def perturbation_norm(adv: torch.Tensor, x: torch.Tensor, norm: str) -> torch.Te
 
 
 def classifier_loss(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
-    """Per-image loss to *maximise*: ``ce`` cross-entropy or ``margin`` max_{j!=y} z_j - z_y."""
+    """Per-image loss to *maximise*: ``ce`` cross-entropy, ``margin`` max_{j!=y} z_j - z_y or
+    ``dlr`` (:func:`dlr_loss`)."""
     if kind == "ce":
         return F.cross_entropy(logits, labels, reduction="none")
+    if kind == "dlr":
+        return dlr_loss(logits, labels)
     true = logits.gather(1, labels[:, None]).squeeze(1)
     other = logits.masked_fill(F.one_hot(labels, logits.shape[1]).bool(), -math.inf)
     return other.amax(dim=1) - true
+
+
+def dlr_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Croce & Hein's difference-of-logits ratio, to maximise: (N, K >= 3) -> (N,).
+
+    -(z_y - max_{j!=y} z_j) / (z_(1) - z_(3) + 1e-12) with z_(1) >= z_(2) >= z_(3) the sorted
+    logits; invariant to shifting and scaling the logits. Example: logits (3, 1, 2, 0) with
+    label 0 give -(3 - 2) / (3 - 1) = -0.5.
+    """
+    z_sorted, order = logits.sort(dim=1)
+    z_y = logits.gather(1, labels[:, None]).squeeze(1)
+    top_is_y = order[:, -1] == labels
+    other = torch.where(top_is_y, z_sorted[:, -2], z_sorted[:, -1])
+    return -(z_y - other) / (z_sorted[:, -1] - z_sorted[:, -3] + 1e-12)

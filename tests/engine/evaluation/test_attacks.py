@@ -10,7 +10,6 @@ from robust_task import load_trained, quadrant_set
 
 from apudae_engine.backends.purifier import Purifier
 from apudae_engine.evaluation.attacks import (
-    DEFENSE_AWARE_ATTACKS,
     LIBRARY_ATTACKS,
     AttackSpec,
     classifier_loss,

@@ -48,7 +48,9 @@ def _sign_noise_attack():
 def test_every_builtin_attack_is_registered_once_with_its_family():
     assert LIBRARY_ATTACKS == ("fgsm", "rfgsm", "pgd", "pgd-l2", "cw-l2", "deepfool",
                                "autoattack")
-    assert DEFENSE_AWARE_ATTACKS == ("pgd-eot", "bpda", "bpda-dae", "below-mu")
+    assert DEFENSE_AWARE_ATTACKS == ("pgd-eot", "bpda", "bpda-dae", "below-mu", "apgd-ce",
+                                     "apgd-dlr", "apgd-bpda", "apgd-bpda-dae", "apgd-below-mu",
+                                     "aware-suite")
     assert {attack_class(n).norm for n in ("pgd-l2", "cw-l2", "deepfool")} == {"L2"}
     assert all(attack_class(n).defense_aware for n in DEFENSE_AWARE_ATTACKS)
     assert not any(attack_class(n).defense_aware for n in LIBRARY_ATTACKS)
