@@ -1,0 +1,1 @@
+"""HTTP serving of the purifier and a classifier on Ray Serve: requests, batching, the app."""
