@@ -31,8 +31,15 @@ from apudae_engine.evaluation.attacks.base import Attack, AttackSpec, classifier
 
 def purified_logits(classifier: nn.Module, purifier: Purifier, x: torch.Tensor, seed: int,
                     image_ids: torch.Tensor | None = None,
-                    differentiable: bool = False) -> torch.Tensor:
-    """classifier(purify(x)) with the purifier's settings and noise seed ``seed``: (N, K)."""
+                    differentiable: bool = False, gradient: str = "auto") -> torch.Tensor:
+    """classifier(purify(x)) with the purifier's settings and noise seed ``seed``: (N, K).
+
+    ``gradient`` (with ``differentiable``): ``autograd`` differentiates the reference loop
+    (double backward through every step); ``hvp`` takes each step's Hessian-vector product as
+    one JVP and one VJP through the DAE (:mod:`apudae_engine.evaluation.fast_gradient`, exact
+    for a piecewise-linear DAE); ``auto`` uses ``hvp`` where it is exact.
+    """
+    from apudae_engine.evaluation.fast_gradient import adaptive_purify_hvp, piecewise_linear
     from apudae_engine.method.purification import purify
 
     cfg = purifier.config.with_(seed=seed)
@@ -40,7 +47,13 @@ def purified_logits(classifier: nn.Module, purifier: Purifier, x: torch.Tensor, 
         with torch.no_grad():
             out = purify(purifier.dae, x, cfg, purifier.mu, purifier.sigma, image_ids).images
             return classifier(out)
-    out = purify(purifier.dae, x, cfg, purifier.mu, purifier.sigma, image_ids, True).images
+    if gradient == "auto":
+        gradient = "hvp" if (cfg.method != "direct" and piecewise_linear(purifier.dae)) \
+            else "autograd"
+    if gradient == "hvp":
+        out = adaptive_purify_hvp(purifier.dae, x, purifier.mu, purifier.sigma, cfg, image_ids)
+    else:
+        out = purify(purifier.dae, x, cfg, purifier.mu, purifier.sigma, image_ids, True).images
     return classifier(out)
 
 
@@ -61,14 +74,15 @@ def held_out_seeds(k: int) -> list[int]:
 
 def eot_objective(mode: str, classifier: nn.Module, purifier: Purifier, x: torch.Tensor,
                   y: torch.Tensor, seeds: list[int], loss: str = "ce",
-                  image_ids: torch.Tensor | None = None
+                  image_ids: torch.Tensor | None = None, gradient: str = "auto"
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean over noise seeds of loss(classifier(purify(x)), y), its gradient, and whether any
     draw misclassified: ((N,), (N, C, H, W), (N,) bool).
 
     ``mode``: ``full`` differentiates through the unrolled purification loop; ``bpda`` uses
     the identity as the purifier's backward pass, ``bpda-dae`` the DAE (clamped to [0, 1]).
-    The loss value is always that of the true purifier.
+    The loss value is always that of the true purifier. ``gradient``: how ``full`` takes it
+    (:func:`purified_logits`).
     """
     from apudae_engine.method.purification import purify
 
@@ -79,7 +93,8 @@ def eot_objective(mode: str, classifier: nn.Module, purifier: Purifier, x: torch
         xr = x.detach().requires_grad_(True)
         with torch.enable_grad():
             if mode == "full":
-                logits = purified_logits(classifier, purifier, xr, seed, image_ids, True)
+                logits = purified_logits(classifier, purifier, xr, seed, image_ids, True,
+                                         gradient)
             else:
                 with torch.no_grad():
                     cfg = purifier.config.with_(seed=seed)
@@ -100,11 +115,11 @@ def eot_objective(mode: str, classifier: nn.Module, purifier: Purifier, x: torch
 
 def eot_gradient(mode: str, classifier: nn.Module, purifier: Purifier, x: torch.Tensor,
                  y: torch.Tensor, seeds: list[int], loss: str = "ce",
-                 image_ids: torch.Tensor | None = None) -> torch.Tensor:
+                 image_ids: torch.Tensor | None = None, gradient: str = "auto") -> torch.Tensor:
     """Gradient of the mean over noise seeds of sum_batch loss(classifier(purify(x)), y)
     (:func:`eot_objective`'s gradient). Shapes: x (N, C, H, W), y (N,) -> (N, C, H, W).
     """
-    return eot_objective(mode, classifier, purifier, x, y, seeds, loss, image_ids)[1]
+    return eot_objective(mode, classifier, purifier, x, y, seeds, loss, image_ids, gradient)[1]
 
 
 def _ascent(spec: AttackSpec, x: torch.Tensor, random_start: bool,
