@@ -1,24 +1,30 @@
-// apudae-runner: adaptive purification (APuDAE) of PGM/PPM images from C++.
+// apudae-runner: adaptive purification (APuDAE) of PNG/PGM/PPM images from C++.
 //
-// It loads the DAE's step graph, compiled ahead of time by AOTInductor
-// (`apudae-engine export --aoti`), and runs the adaptive loop around it with ATen ops.
-// The step graph maps images y (N, C, H, W) to the per-image reconstruction error r (N,)
-// and dr/dy. The loop follows engine/reference.py: the same counter-based noise, the same
-// hinge and the same Adam constants, so its outputs match the Python reference to float
-// rounding. Image identities are the pixel fingerprint that the Python API uses by default.
+// It loads the whole purification, exported and compiled ahead of time by AOTInductor
+// (`apudae-engine export --whole --aoti`), and only decodes images, calls the package and
+// writes the results. The package holds every step of the method (the DAE's input gradient,
+// the counter-based noise, the hinge, Adam and the clip), so this file holds none of its maths
+// and its outputs equal the Python reference to float rounding. Its inputs are the images,
+// the image identities keying the noise (-1: the pixel fingerprint the Python API uses by
+// default) and the seed (-1: the seed the graph was exported with).
 //
 // Usage:
-//   apudae-runner --package STEP.pt2 --meta STEP.json --out DIR [--seed S] [--steps T]
-//                 [--lr X] [--noise-eps X] [--no-noise] [--no-clip] IMAGE.pgm|ppm ...
-// Images must be binary PGM (P5, 1-channel models) or PPM (P6, 3-channel models), 8-bit,
-// at the model's input size. One line per image goes to stdout: the path, r before and r
-// after purification. Bad files get one error line on stderr and do not stop the others;
-// the exit status is 1 when any file failed.
+//   apudae-runner --package WHOLE.aoti.pt2 --meta WHOLE.json --out DIR [--seed S]
+//                 [--batch N] IMAGE.png|pgm|ppm ...
+// Images must be 8-bit, at the model's input size, with its channels: PNG (grey or RGB; a
+// palette is expanded, alpha dropped; needs libpng at build time), binary PGM (P5) or PPM
+// (P6). Each purified image is written to DIR under its file name, in its input format. One
+// line per image goes to stdout: path, r before, r after, active steps and flagged (0/1),
+// tab-separated. Bad files get one error line on stderr and do not stop the others; the exit
+// status is 1 when any file failed, 2 for a usage or model error.
 
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
 #include <torch/torch.h>
 
-#include <cmath>
+#ifdef APUDAE_WITH_PNG
+#include <png.h>
+#endif
+
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
@@ -32,69 +38,70 @@ namespace fs = std::filesystem;
 
 namespace {
 
-constexpr int64_t kMask32 = 0xFFFFFFFFLL;
-constexpr int64_t kGolden = 0x9E3779B9LL;
+constexpr const char* kFormat = "apudae-engine/whole-purification";
+constexpr const char* kOutputs[] = {"purified", "r_before", "r_after", "active_steps", "flagged"};
 
-// (x * c) mod 2^32 for int64 x in [0, 2^32), split so that no product overflows int64.
-at::Tensor mul32(const at::Tensor& x, int64_t c) {
-  at::Tensor lo = x.bitwise_and(0xFFFF);
-  at::Tensor hi = at::bitwise_right_shift(x, 16);
-  at::Tensor high_part = at::bitwise_left_shift((hi * c).bitwise_and(0xFFFF), 16);
-  return (lo * c + high_part).bitwise_and(kMask32);
-}
-
-// lowbias32, as kernels/reference.py::mix32.
-at::Tensor mix32(at::Tensor x) {
-  x = x.bitwise_xor(at::bitwise_right_shift(x, 16));
-  x = mul32(x, 0x7FEB352DLL);
-  x = x.bitwise_xor(at::bitwise_right_shift(x, 15));
-  x = mul32(x, 0x846CA68BLL);
-  return x.bitwise_xor(at::bitwise_right_shift(x, 16));
-}
-
-// engine/reference.py::image_fingerprint.
-at::Tensor image_fingerprint(const at::Tensor& x) {
-  at::Tensor q = at::round(x.clamp(0.0, 1.0) * 65535.0).to(at::kLong).flatten(1);
-  at::Tensor pos = mix32(at::arange(q.size(1), at::TensorOptions().dtype(at::kLong)));
-  at::Tensor h = mix32(q.bitwise_xor(pos.unsqueeze(0)).bitwise_and(kMask32))
-                     .sum(1)
-                     .bitwise_and(kMask32);
-  return mix32(h);
-}
-
-// kernels/reference.py::uniform_noise_ref: uniform in [-1, 1), shape (N, numel).
-at::Tensor uniform_noise(uint32_t seed, const at::Tensor& ids, int64_t step, int64_t numel) {
-  at::Tensor k = mix32(at::full_like(ids, (static_cast<int64_t>(seed) & kMask32) ^ kGolden));
-  k = mix32(k.bitwise_xor(ids.bitwise_and(kMask32)));
-  k = mix32((k + step).bitwise_and(kMask32)).unsqueeze(1);
-  at::Tensor idx = at::arange(numel, at::TensorOptions().dtype(at::kLong)).unsqueeze(0);
-  at::Tensor h = mix32(mix32(k.bitwise_xor(idx)));
-  at::Tensor u = at::bitwise_right_shift(h, 8).to(at::kFloat) * (1.0 / 16777216.0);
-  return 2.0 * u - 1.0;
-}
-
-struct Settings {
-  double mu = 0, sigma = 0, lr = 2.0 / 255, noise_eps = 0.7 / 255, max_scale = 4.0;
-  double beta1 = 0.9, beta2 = 0.999, adam_eps = 1e-8;
-  int64_t steps = 13;
-  uint32_t seed = 0;
-  bool noise = true, clip = true;
-  int64_t channels = 0, height = 0, width = 0;
+struct Model {
+  int64_t channels = 0, height = 0, width = 0, max_batch = 0;
 };
 
-// Reads a number that follows "key": in our own flat sidecar JSON.
-double json_number(const std::string& text, const std::string& key) {
-  size_t at = text.find("\"" + key + "\"");
+// Reads the number that follows "key": (after the first occurrence of `after`, if given) in
+// our own flat sidecar JSON.
+double json_number(const std::string& text, const std::string& key, const std::string& after = "") {
+  size_t from = after.empty() ? 0 : text.find("\"" + after + "\"");
+  if (from == std::string::npos) throw std::runtime_error("sidecar has no field " + after);
+  size_t at = text.find("\"" + key + "\"", from);
   if (at == std::string::npos) throw std::runtime_error("sidecar has no field " + key);
   at = text.find(':', at);
   return std::stod(text.substr(at + 1));
 }
 
+Model read_sidecar(const std::string& path) {
+  std::ifstream f(path);
+  if (!f) throw std::runtime_error("cannot read the sidecar");
+  std::stringstream buf;
+  buf << f.rdbuf();
+  const std::string text = buf.str();
+  if (text.find(kFormat) == std::string::npos)
+    throw std::runtime_error("not a whole-purification export; run `apudae-engine export "
+                             "--whole --aoti`");
+  for (const char* name : kOutputs)
+    if (text.find(std::string("\"") + name + "\"") == std::string::npos)
+      throw std::runtime_error(std::string("sidecar lists no output ") + name);
+  Model m;
+  m.channels = static_cast<int64_t>(json_number(text, "channels", "input"));
+  m.height = static_cast<int64_t>(json_number(text, "height", "input"));
+  m.width = static_cast<int64_t>(json_number(text, "width", "input"));
+  m.max_batch = static_cast<int64_t>(json_number(text, "max", "batch"));
+  return m;
+}
+
+enum class Kind { kPnm, kPng };
+
 struct Image {
   at::Tensor pixels;  // (C, H, W) float in [0, 1]
+  Kind kind;
 };
 
-Image read_pnm(const fs::path& path, const Settings& s) {
+void check_size(int64_t c, int64_t h, int64_t w, const Model& m) {
+  if (c != m.channels || h != m.height || w != m.width) {
+    std::ostringstream msg;
+    msg << "image is " << c << "x" << h << "x" << w << " but the model takes " << m.channels
+        << "x" << m.height << "x" << m.width;
+    throw std::runtime_error(msg.str());
+  }
+}
+
+at::Tensor to_chw(std::vector<uint8_t>& raster, int64_t c, int64_t h, int64_t w) {
+  at::Tensor hwc = torch::from_blob(raster.data(), {h, w, c}, at::kByte).clone();
+  return hwc.permute({2, 0, 1}).contiguous().to(at::kFloat) / 255.0;
+}
+
+at::Tensor to_hwc_bytes(const at::Tensor& chw) {
+  return at::round(chw.clamp(0.0, 1.0) * 255.0).to(at::kByte).permute({1, 2, 0}).contiguous();
+}
+
+Image read_pnm(const fs::path& path, const Model& m) {
   std::ifstream f(path, std::ios::binary);
   if (!f) throw std::runtime_error("cannot open file");
   std::string magic;
@@ -117,71 +124,96 @@ Image read_pnm(const fs::path& path, const Settings& s) {
   if (!f || (magic != "P5" && magic != "P6")) throw std::runtime_error("not a binary PGM/PPM");
   int64_t c = magic == "P5" ? 1 : 3;
   if (maxval != 255) throw std::runtime_error("only 8-bit images (maxval 255) are supported");
-  if (c != s.channels || h != s.height || w != s.width) {
-    std::ostringstream msg;
-    msg << "image is " << c << "x" << h << "x" << w << " but the model takes " << s.channels
-        << "x" << s.height << "x" << s.width;
-    throw std::runtime_error(msg.str());
-  }
+  check_size(c, h, w, m);
   f.get();  // the single whitespace byte before the raster
   std::vector<uint8_t> raster(static_cast<size_t>(c * h * w));
   f.read(reinterpret_cast<char*>(raster.data()), static_cast<std::streamsize>(raster.size()));
   if (f.gcount() != static_cast<std::streamsize>(raster.size()))
     throw std::runtime_error("truncated raster");
-  at::Tensor hwc = torch::from_blob(raster.data(), {h, w, c}, at::kByte).clone();
-  return {hwc.permute({2, 0, 1}).contiguous().to(at::kFloat) / 255.0};
+  return {to_chw(raster, c, h, w), Kind::kPnm};
 }
 
-void write_pnm(const fs::path& path, const at::Tensor& chw) {
-  at::Tensor bytes = at::round(chw.clamp(0.0, 1.0) * 255.0).to(at::kByte).permute({1, 2, 0});
-  bytes = bytes.contiguous();
-  const int64_t c = chw.size(0), h = chw.size(1), w = chw.size(2);
+#ifdef APUDAE_WITH_PNG
+// libpng's simplified API: errors come back in image.message (no longjmp, no exceptions
+// through C frames). Palettes are expanded and alpha is dropped (composited on black);
+// grey to RGB is exact, RGB to grey is refused (its weights would differ from Pillow's).
+Image read_png(const fs::path& path, const Model& m) {
+  png_image image{};
+  image.version = PNG_IMAGE_VERSION;
+  if (!png_image_begin_read_from_file(&image, path.c_str()))
+    throw std::runtime_error(std::string("not a readable PNG (") + image.message + ")");
+  const bool colour = (image.format & PNG_FORMAT_FLAG_COLOR) != 0;
+  const int64_t c = colour ? 3 : m.channels;
+  const int64_t h = image.height, w = image.width;
+  if (colour && m.channels == 1) {
+    png_image_free(&image);
+    throw std::runtime_error("image is RGB but the model takes grey images");
+  }
+  try {
+    check_size(c, h, w, m);
+  } catch (...) {
+    png_image_free(&image);
+    throw;
+  }
+  image.format = c == 1 ? PNG_FORMAT_GRAY : PNG_FORMAT_RGB;
+  std::vector<uint8_t> raster(static_cast<size_t>(PNG_IMAGE_SIZE(image)));
+  png_color black{0, 0, 0};
+  if (!png_image_finish_read(&image, &black, raster.data(), 0, nullptr))
+    throw std::runtime_error(std::string("cannot decode the PNG (") + image.message + ")");
+  return {to_chw(raster, c, h, w), Kind::kPng};
+}
+
+void write_png_file(const fs::path& path, const at::Tensor& hwc) {
+  png_image image{};
+  image.version = PNG_IMAGE_VERSION;
+  image.width = static_cast<png_uint_32>(hwc.size(1));
+  image.height = static_cast<png_uint_32>(hwc.size(0));
+  image.format = hwc.size(2) == 1 ? PNG_FORMAT_GRAY : PNG_FORMAT_RGB;
+  if (!png_image_write_to_file(&image, path.c_str(), 0, hwc.data_ptr<uint8_t>(), 0, nullptr))
+    throw std::runtime_error("cannot write " + path.string() + " (" + image.message + ")");
+}
+#endif
+
+Image read_image(const fs::path& path, const Model& m) {
+  std::string ext = path.extension().string();
+  for (char& ch : ext) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  if (ext == ".png") {
+#ifdef APUDAE_WITH_PNG
+    return read_png(path, m);
+#else
+    throw std::runtime_error("this runner was built without libpng; install libpng-dev and "
+                             "rebuild, or convert the image to PGM/PPM");
+#endif
+  }
+  return read_pnm(path, m);
+}
+
+void write_image(const fs::path& path, const at::Tensor& chw, Kind kind) {
+  at::Tensor hwc = to_hwc_bytes(chw);
   fs::path tmp = path;
   tmp += ".part";
+#ifdef APUDAE_WITH_PNG
+  if (kind == Kind::kPng) {
+    write_png_file(tmp, hwc);
+    fs::rename(tmp, path);  // atomic: a kill never leaves half an image
+    return;
+  }
+#endif
+  (void)kind;
+  const int64_t h = hwc.size(0), w = hwc.size(1), c = hwc.size(2);
   {
     std::ofstream f(tmp, std::ios::binary);
     f << (c == 1 ? "P5" : "P6") << "\n" << w << " " << h << "\n255\n";
-    f.write(reinterpret_cast<const char*>(bytes.data_ptr<uint8_t>()), c * h * w);
+    f.write(reinterpret_cast<const char*>(hwc.data_ptr<uint8_t>()), c * h * w);
     if (!f) throw std::runtime_error("cannot write " + path.string());
   }
-  fs::rename(tmp, path);  // atomic: a kill never leaves half an image
-}
-
-// The adaptive loop of engine/reference.py::adaptive_purify around the compiled step graph.
-at::Tensor purify(torch::inductor::AOTIModelPackageLoader& step, const at::Tensor& x,
-                  const Settings& s, at::Tensor& error_before) {
-  const int64_t n = x.size(0), numel = x[0].numel();
-  at::Tensor ids = image_fingerprint(x);
-  at::Tensor big_x = x.clone(), delta = at::zeros_like(x);
-  at::Tensor m = at::zeros_like(x), v = at::zeros_like(x);
-  for (int64_t t = 1; t <= s.steps; ++t) {
-    at::Tensor y = big_x + delta;
-    std::vector<at::Tensor> out = step.run({y});
-    at::Tensor r = out[0], grad_r = out[1];
-    if (t == 1) error_before = r.clone();
-    if (s.noise) {
-      at::Tensor z = (r - s.mu) / (2.0 * s.sigma);
-      at::Tensor amp = s.noise_eps * (z * z).clamp(0.0, s.max_scale);
-      at::Tensor u = uniform_noise(s.seed, ids, t, numel).view_as(x);
-      big_x = big_x + amp.view({n, 1, 1, 1}) * u;
-    }
-    at::Tensor weight = 2.0 * (r - s.mu).clamp_min(0.0) / (s.sigma * s.sigma);
-    at::Tensor g = weight.view({n, 1, 1, 1}) * grad_r;
-    m = m * s.beta1 + g * (1.0 - s.beta1);
-    v = v * s.beta2 + g * g * (1.0 - s.beta2);
-    const double bias1 = 1.0 - std::pow(s.beta1, static_cast<double>(t));
-    const double bias2 = 1.0 - std::pow(s.beta2, static_cast<double>(t));
-    at::Tensor denom = v.sqrt() / std::sqrt(bias2) + s.adam_eps;
-    delta = delta - (s.lr / bias1) * (m / denom);
-  }
-  at::Tensor result = big_x + delta;
-  return s.clip ? result.clamp(0.0, 1.0) : result;
+  fs::rename(tmp, path);
 }
 
 int usage(const char* msg) {
   std::cerr << "error: " << msg << "\n"
-            << "usage: apudae-runner --package STEP.pt2 --meta STEP.json --out DIR [--seed S] "
-               "[--steps T] [--lr X] [--noise-eps X] [--no-noise] [--no-clip] IMAGES...\n";
+            << "usage: apudae-runner --package WHOLE.aoti.pt2 --meta WHOLE.json --out DIR "
+               "[--seed S] [--batch N] IMAGES...\n";
   return 2;
 }
 
@@ -189,7 +221,7 @@ int usage(const char* msg) {
 
 int main(int argc, char** argv) {
   std::string package, meta, out_dir;
-  Settings s;
+  int64_t seed = -1, batch_size = 64;
   std::vector<fs::path> images;
   try {
     for (int i = 1; i < argc; ++i) {
@@ -201,69 +233,68 @@ int main(int argc, char** argv) {
       if (a == "--package") package = value();
       else if (a == "--meta") meta = value();
       else if (a == "--out") out_dir = value();
-      else if (a == "--seed") s.seed = static_cast<uint32_t>(std::stoul(value()));
-      else if (a == "--steps") s.steps = std::stol(value());
-      else if (a == "--lr") s.lr = std::stod(value());
-      else if (a == "--noise-eps") s.noise_eps = std::stod(value());
-      else if (a == "--no-noise") s.noise = false;
-      else if (a == "--no-clip") s.clip = false;
+      else if (a == "--seed") seed = static_cast<int64_t>(std::stoul(value()) & 0xFFFFFFFFUL);
+      else if (a == "--batch") batch_size = std::stol(value());
       else if (a.rfind("--", 0) == 0) throw std::invalid_argument("unknown option " + a);
       else images.emplace_back(a);
     }
   } catch (const std::exception& e) {
     return usage(e.what());
   }
-  if (package.empty() || meta.empty() || out_dir.empty()) return usage("--package, --meta and --out are required");
+  if (package.empty() || meta.empty() || out_dir.empty())
+    return usage("--package, --meta and --out are required");
   if (images.empty()) return usage("no images given");
+  if (batch_size < 1) return usage("--batch must be at least 1");
+  Model model;
   try {
-    std::ifstream mf(meta);
-    if (!mf) throw std::runtime_error("cannot read sidecar " + meta);
-    std::stringstream buf;
-    buf << mf.rdbuf();
-    const std::string text = buf.str();
-    s.mu = json_number(text, "mu");
-    s.sigma = json_number(text, "sigma");
-    s.channels = static_cast<int64_t>(json_number(text, "channels"));
-    s.height = static_cast<int64_t>(json_number(text, "height"));
-    s.width = static_cast<int64_t>(json_number(text, "width"));
-    if (!(s.sigma > 0)) throw std::runtime_error("sidecar has no calibration (sigma <= 0)");
+    model = read_sidecar(meta);
   } catch (const std::exception& e) {
     std::cerr << "error: " << meta << ": " << e.what() << "\n";
     return 2;
   }
+  batch_size = std::min(batch_size, model.max_batch);
   torch::NoGradGuard no_grad;
-  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> step;
+  std::unique_ptr<torch::inductor::AOTIModelPackageLoader> purify;
   try {
-    step = std::make_unique<torch::inductor::AOTIModelPackageLoader>(package);
+    purify = std::make_unique<torch::inductor::AOTIModelPackageLoader>(package);
   } catch (const std::exception& e) {
-    std::cerr << "error: " << package << ": cannot load the compiled step graph ("
+    std::cerr << "error: " << package << ": cannot load the compiled purification ("
               << std::string(e.what()).substr(0, 200) << ")\n";
     return 2;
   }
   fs::create_directories(out_dir);
-  std::vector<at::Tensor> batch;
+  std::vector<Image> batch;
   std::vector<fs::path> names;
   int failed = 0;
+  auto flush = [&]() {
+    if (batch.empty()) return;
+    std::vector<at::Tensor> pixels;
+    for (const Image& im : batch) pixels.push_back(im.pixels);
+    at::Tensor x = at::stack(pixels);
+    at::Tensor ids = at::full({x.size(0)}, -1, at::TensorOptions().dtype(at::kLong));
+    at::Tensor s = at::scalar_tensor(seed, at::TensorOptions().dtype(at::kLong));
+    std::vector<at::Tensor> out = purify->run({x, ids, s});
+    at::Tensor before = out[1], after = out[2], active = out[3], flagged = out[4];
+    for (size_t i = 0; i < names.size(); ++i) {
+      const int64_t k = static_cast<int64_t>(i);
+      write_image(fs::path(out_dir) / names[i].filename(), out[0][k], batch[i].kind);
+      std::cout << names[i].string() << "\t" << before[k].item<double>() << "\t"
+                << after[k].item<double>() << "\t" << active[k].item<int64_t>() << "\t"
+                << static_cast<int>(flagged[k].item<bool>()) << "\n";
+    }
+    batch.clear();
+    names.clear();
+  };
   for (const fs::path& p : images) {
     try {
-      batch.push_back(read_pnm(p, s).pixels);
+      batch.push_back(read_image(p, model));
       names.push_back(p);
     } catch (const std::exception& e) {
       std::cerr << "error: " << p.string() << ": " << e.what() << "\n";
       ++failed;
     }
+    if (static_cast<int64_t>(batch.size()) == batch_size) flush();
   }
-  if (!batch.empty()) {
-    at::Tensor x = at::stack(batch);
-    at::Tensor before;
-    at::Tensor purified = purify(*step, x, s, before);
-    at::Tensor after = step->run({purified})[0];
-    for (size_t i = 0; i < names.size(); ++i) {
-      fs::path target = fs::path(out_dir) / names[i].filename();
-      write_pnm(target, purified[static_cast<int64_t>(i)]);
-      std::cout << names[i].string() << "\t" << before[static_cast<int64_t>(i)].item<double>()
-                << "\t" << after[static_cast<int64_t>(i)].item<double>() << "\n";
-    }
-  }
+  flush();
   return failed ? 1 : 0;
 }

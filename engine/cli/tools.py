@@ -45,7 +45,8 @@ def register_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-onnx", action="store_true", help="write the .pt2 program only")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
     p.add_argument("--aoti", action="store_true", help="also compile OUT.aoti.pt2, an "
-                   "AOTInductor package for the C++ runner (needs a C++ compiler; ~1 min)")
+                   "AOTInductor package (with --whole: what the C++ runner loads; needs a C++ "
+                   "compiler; minutes)")
     w = p.add_argument_group("whole purification (--whole)")
     w.add_argument("--whole", action="store_true", help="export the complete adaptive "
                    "purification (noise, hinge, Adam, clip, every step) instead of one step: "
