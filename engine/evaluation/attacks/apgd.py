@@ -302,7 +302,9 @@ class AwareSuite(DefenseAwareAttack, name="aware-suite",
                          eot=spec.eot, seed=spec.seed, penalty=spec.penalty, kappa=spec.kappa,
                          restarts=spec.restarts, draws=spec.draws, loss=cls.default_loss)
             result = member.run(x[todo], y[todo])
-            better = member.correct_draws < correct[todo]
+            # Fewer correct draws wins; an image no member moves keeps the first member's
+            # highest-loss iterate (not the clean image) for the held-out draws to score.
+            better = (member.correct_draws < correct[todo]) | (name == self.members[0])
             adv[todo[better]] = result.images[better]
             correct[todo[better]] = member.correct_draws[better]
             fooled = int((member.correct_draws == 0).sum())

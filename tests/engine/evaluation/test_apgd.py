@@ -174,3 +174,15 @@ def test_suite_runs_later_members_only_on_survivors(task):
     assert attacked[0] == 12
     for i in range(1, len(attacked)):
         assert attacked[i] == attacked[i - 1] - fooled[i - 1]
+
+
+def test_suite_returns_an_attacked_image_even_where_nothing_falls():
+    # Nothing fools a constant classifier; the suite still returns the first member's
+    # highest-loss iterate (held-out draws score that), not the clean image.
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    y = torch.zeros(3, dtype=torch.int64)
+    attack = attack_class("aware-suite")(Constant(), purifier=identity_purifier(), eps=EPS,
+                                         steps=2, eot=1, draws=2)
+    adv = attack(x, y)
+    assert (attack.correct_draws == 2).all()
+    assert ((adv - x).flatten(1).abs().amax(1) > 0).all()
