@@ -116,6 +116,8 @@ class Purifier(nn.Module):
 
     def reference(self, x: torch.Tensor, image_ids: torch.Tensor | None = None) -> PurifyResult:
         """The float32 reference result for ``x``: what every backend is checked against."""
+        self._check_input(x)
+        image_ids = _as_image_ids(image_ids, x)
         return get_backend("reference", x.device).purify(self.dae, x, self.mu, self.sigma,
                                                          self.config, image_ids)
 

@@ -210,7 +210,9 @@ def test_auto_runs_the_reference_on_small_jobs(tiny_model, image_folder, tmp_pat
         purify_folder(FolderJob(image_folder, tmp_path / "a", model=tiny_model, device="cpu",
                                 backend="auto"))
     assert made == ["reference"] and "too few to repay compiling" in caplog.text
-    monkeypatch.setattr(pipeline, "AUTO_MIN_IMAGES", 1)
+    import apudae_engine.backends.selection as selection
+
+    monkeypatch.setattr(selection, "AUTO_MIN_IMAGES", 1)
     purify_folder(FolderJob(image_folder, tmp_path / "b", model=tiny_model, device="cpu",
                             backend="auto", precision="fp32"))
     assert made[1] == "auto"
