@@ -62,6 +62,8 @@ def _file_log(stem: Path) -> Iterator[None]:
     handler = logging.FileHandler(stem.with_suffix(".log"), mode="w")
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     handler.setLevel(logging.INFO)
+    # The log keeps the per-epoch record; progress lines are for whoever watches the run.
+    handler.addFilter(lambda record: record.name != "apudae_engine.progress")
     pkg = logging.getLogger("apudae_engine")
     old_level = pkg.level
     if pkg.getEffectiveLevel() > logging.INFO:
@@ -114,7 +116,8 @@ def train_dae(config: TrainConfig, out_stem: str | Path, layers: int = 4, width:
         for epoch in range(1, config.epochs + 1):
             model.train()
             total, seen = 0.0, 0
-            bar = progress(total=len(train), desc=f"dae epoch {epoch}/{config.epochs}", unit="img")
+            bar = progress(total=len(train), desc=f"dae epoch {epoch}/{config.epochs}", unit="img",
+                           min_interval=30)
             for idx in _batches(len(train), config.batch_size, gen):
                 x = train.images[idx].float() / 255
                 noisy = (x + noise_std * torch.randn(x.shape, generator=gen)).clamp(0, 1)
@@ -178,7 +181,8 @@ def train_classifier(config: TrainConfig, out_stem: str | Path, arch: str = "sma
         for epoch in range(1, config.epochs + 1):
             model.train()
             total, correct, seen = 0.0, 0, 0
-            bar = progress(total=len(train), desc=f"clf epoch {epoch}/{config.epochs}", unit="img")
+            bar = progress(total=len(train), desc=f"clf epoch {epoch}/{config.epochs}", unit="img",
+                           min_interval=30)
             for idx in _batches(len(train), config.batch_size, gen):
                 x = train.images[idx].float() / 255
                 y = train.labels[idx]
