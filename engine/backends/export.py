@@ -225,10 +225,37 @@ def _program_to_onnx(program: torch.export.ExportedProgram, path: Path, input_na
         raise UserError("ONNX export needs onnx and onnxscript; pip install "
                         "'apudae-engine[onnx]' (or pass --no-onnx)") from None
     buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset,
-                                         input_names=input_names, output_names=output_names,
-                                         optimize=False)
+    # The exporter warns that torchvision's ops are not registered (we use none of them) and
+    # its graph passes log at INFO; keep the command's output to what the user asked for.
+    quiet = {"torch.onnx._internal.exporter._registration": logging.ERROR,
+             "onnx_ir": logging.WARNING, "onnxscript": logging.WARNING}
+    levels = {name: logging.getLogger(name).level for name in quiet}
+    for name, level in quiet.items():
+        logging.getLogger(name).setLevel(level)
+    try:
+        with contextlib.redirect_stdout(buf):
+            # optimize=False: onnxscript's optimizer takes minutes on the unrolled loop, and
+            # onnxruntime and TensorRT optimise the graph when they load it anyway.
+            onnx_program = torch.onnx.export(program, dynamo=True, opset_version=opset,
+                                             input_names=input_names,
+                                             output_names=output_names, optimize=False)
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
     log.debug("%s", buf.getvalue())
     onnx_program.save(str(path))
+    _name_batch_dimension(path)
     return path
+
+
+def _name_batch_dimension(path: Path, name: str = "N") -> None:
+    """Call the graph inputs' and outputs' symbolic dimension ``name`` (the exporter names it
+    after its internal symbol, e.g. ``s34``), as the sidecar and TensorRT profiles do."""
+    import onnx
+
+    model = onnx.load(str(path))
+    for value in list(model.graph.input) + list(model.graph.output):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param:
+                dim.dim_param = name
+    onnx.save(model, str(path))

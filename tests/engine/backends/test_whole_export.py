@@ -119,6 +119,12 @@ def test_sidecar_names_model_calibration_settings_and_signature(calibrated, expo
     assert doc["outputs"] == ["purified", "r_before", "r_after", "active_steps", "flagged"]
     assert doc["files"] == {"pt2": "whole.pt2", "onnx": "whole.onnx"}
     assert doc["batch"] == {"min": 1, "max": 64}
+    import onnx
+
+    graph = onnx.load(str(paths["onnx"])).graph
+    assert [(v.name, v.type.tensor_type.shape.dim[0].dim_param) for v in graph.input[:2]] == [
+        ("images", "N"), ("image_ids", "N")]
+    assert all(v.type.tensor_type.shape.dim[0].dim_param == "N" for v in graph.output)
 
 
 def test_whole_graph_with_classifier_adds_logits(calibrated):
@@ -146,6 +152,35 @@ def test_artifact_errors_name_the_file(tmp_path):
     bad.write_text(json.dumps({"format": "apudae-engine/step-graph"}))
     with pytest.raises(UserError, match="not a whole-purification export"):
         WholeArtifact(bad)
+
+
+def test_export_whole_command_with_classifier(tiny_model, tmp_path, capsys):
+    from apudae_engine.backends.purifier import Purifier
+    from apudae_engine.method.checkpoint import load_classifier
+
+    assert main(["export", "--whole", "--model", str(tiny_model), "--with-classifier",
+                 "--steps", "2", "--seed", "9", "--flag-k", "1", "--no-onnx", "--max-batch", "8",
+                 "--out", str(tmp_path / "w")]) == 0
+    assert "pt2: " in capsys.readouterr().out
+    doc = json.loads((tmp_path / "w.json").read_text())
+    assert doc["outputs"][-1] == "logits" and doc["settings"]["seed"] == 9
+    assert doc["source"]["labels"] == [f"c{i}" for i in range(10)]
+    x = torch.rand(3, 1, 28, 28)
+    out = WholeArtifact(tmp_path / "w.json", "torch").run(x)
+    purifier = Purifier.from_pretrained(tiny_model, PurifyConfig(steps=2, seed=9, flag_k=1.0))
+    ref = purifier.purify(x)
+    assert (out["purified"] - ref.images).abs().max() <= TOL["max_abs_diff"]
+    assert torch.equal(out["flagged"], ref.error_before > purifier.flag_threshold())
+    clf = load_classifier(str(tiny_model)).model
+    with torch.no_grad():
+        torch.testing.assert_close(out["logits"], clf(out["purified"]))
+
+
+def test_export_whole_command_needs_calibration_and_adaptive_settings(tiny_model, tmp_path,
+                                                                      capsys):
+    assert main(["export", "--whole", "--model", str(tiny_model), "--steps", "0", "--no-onnx",
+                 "--out", str(tmp_path / "w")]) == 2
+    assert "steps must be at least 1" in capsys.readouterr().err
 
 
 @pytest.mark.slow
