@@ -79,10 +79,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--split", default="test", choices=("test", "train"))
     p.add_argument("--limit", type=int, default=None, help="first N images (default: all; "
-                   "200 with --quick)")
+                   "32 with --quick)")
     p.add_argument("--out", default="runs/eval", help="output folder (default runs/eval)")
-    p.add_argument("--quick", action="store_true", help="a few hundred images and small "
-                   "budgets (CI)")
+    p.add_argument("--quick", action="store_true", help="32 images and small budgets: a "
+                   "smoke run of every attack in about two minutes on 2 CPU cores")
     p.add_argument("--attacks", default=None, help="oblivious attacks, comma-separated or "
                    "'none' (default: every registered one; see --list-attacks)")
     p.add_argument("--aware-attacks", default=None, help="defense-aware attacks or 'none' "
@@ -90,7 +90,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--list-attacks", action="store_true", help="print the registered attacks "
                    "(name, family, norm, default steps) and exit")
     p.add_argument("--aware-limit", type=int, default=None, help="images for defense-aware "
-                   "attacks (default 500; 32 with --quick)")
+                   "attacks (default 500; 8 with --quick)")
     p.add_argument("--aware-target", default="adaptive", choices=_DEFENSES[1:],
                    help="defense the defense-aware attacks are crafted against")
     p.add_argument("--defenses", default=None, help=f"columns (default: {','.join(_DEFENSES)})")
@@ -101,7 +101,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sweep", type=_floats, default=None, help="L-inf eps values for the PGD "
                    "sweep plot, comma-separated or 'none'")
     p.add_argument("--sweep-limit", type=int, default=None, help="images for the sweep "
-                   "(default 1000)")
+                   "(default 1000; 32 with --quick)")
     p.add_argument("--steps", type=int, default=None, help="steps of iterative library attacks "
                    "(default: PGD 40, C&W 100, DeepFool 50, AutoAttack 100)")
     p.add_argument("--aware-steps", type=int, default=None, help="steps of defense-aware "

@@ -27,8 +27,8 @@ EPSILONS = {"fashion-mnist": (0.1, 1.5, (0.05, 0.1, 0.2, 0.3)),
 class EvalConfig:
     """One evaluation run; ``apudae-engine evaluate --help`` describes each field.
 
-    None fields take the dataset's conventions (eps) or the mode's defaults (``quick``: 200
-    images, 32 for defense-aware attacks, 100 for the eps sweep, small step counts, one EOT
+    None fields take the dataset's conventions (eps) or the mode's defaults (``quick``: 32
+    images, 8 for defense-aware attacks, 32 for the eps sweep, small step counts, one EOT
     draw, 100 Square queries).
     """
 
@@ -99,9 +99,11 @@ class EvalConfig:
             self, eps=self.eps or eps, eps_l2=self.eps_l2 or eps_l2,
             sweep=self.sweep if self.sweep is not None else (
                 sweep[:3] if q else sweep),
-            limit=self.limit or (200 if q else None),
-            aware_limit=self.aware_limit or (32 if q else 500),
-            sweep_limit=self.sweep_limit or (min(self.limit or 200, 100) if q else 1000),
+            # Quick: about two minutes on a shared 2-core CPU (each row scores every defense,
+            # and iterative/adaptive purification costs ~13 DAE passes forward and back).
+            limit=self.limit or (32 if q else None),
+            aware_limit=self.aware_limit or (8 if q else 500),
+            sweep_limit=self.sweep_limit or (min(self.limit or 32, 32) if q else 1000),
             eot=self.eot or (1 if q else 4),
             square_queries=self.square_queries or (100 if q else 5000),
             command=self.command or " ".join(shlex.quote(a) for a in ["apudae-engine",

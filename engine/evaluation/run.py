@@ -178,16 +178,18 @@ class Evaluator:
         bar = progress(total=count * len(rows), desc=title, unit="img")
         log.info("%s: %d rows x %d images x %d defenses", title, len(rows), count,
                  len(self.defenses))
+        t_start = time.perf_counter()
         try:
             for b, start in enumerate(range(0, count, batch)):
                 stop = min(start + batch, count)
                 x = self.data.images[start:stop].to(self.device).float() / 255
                 y = self.data.labels[start:stop].to(self.device)
                 for spec, acc in zip(rows, out, strict=True):
-                    bar.set_postfix_str(acc.name)
-                    t0 = time.perf_counter()
+                    bar.set_postfix(row=_row_name(acc))
+                    t_row = t0 = time.perf_counter()
                     adv, budget = self._inputs(spec, x, y, c.seed + _SEED_STRIDE * b, purifier)
-                    acc.attack_seconds += time.perf_counter() - t0
+                    t_attack = time.perf_counter() - t0
+                    acc.attack_seconds += t_attack
                     if budget is not None:
                         acc.budget = budget if acc.budget is None else acc.budget.merge(budget)
                     if acc.norm is not None:
@@ -205,6 +207,11 @@ class Evaluator:
                     if purifier is not None and c.draws:
                         acc.draw_correct.append(self._held_out_correct(purifier, adv, y))
                     bar.update(x.shape[0])
+                    # A line per row and batch: progress where no bar is shown (logs, CI).
+                    log.info("%s %s: images %d-%d of %d, attack %.1f s, scoring %.1f s "
+                             "(%.0f s into %s)", title, _row_name(acc), start + 1, stop, count,
+                             t_attack, time.perf_counter() - t_row - t_attack,
+                             time.perf_counter() - t_start, title)
         finally:
             bar.close()
         return out
@@ -343,6 +350,12 @@ def _draw_summary(counts: torch.Tensor, k: int) -> dict[str, Any]:
     return {"k": k, "seeds": held_out_seeds(k),
             "mean": round((counts.double() / k).mean().item(), 4),
             "all": round((counts == k).double().mean().item(), 4)}
+
+
+def _row_name(row: _Row) -> str:
+    """A row's name with its threat model, for progress lines (``pgd (Linf 0.05)``)."""
+    return row.name if row.eps is None or row.name == "noise" else (
+        f"{row.name} ({row.norm} {row.eps:.3g})")
 
 
 def _accuracy(row: _Row, count: int) -> dict[str, float]:

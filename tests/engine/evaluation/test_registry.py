@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -62,7 +63,7 @@ def test_a_name_cannot_be_registered_twice(registry):
             pass
 
 
-def test_a_new_attack_is_one_class(registry, monkeypatch, tmp_path, capsys):
+def test_a_new_attack_is_one_class(registry, monkeypatch, tmp_path, capsys, caplog):
     cls = _sign_noise_attack()
     x = quadrant_set(6, seed=2)
     images, labels = x.float_images(), x.labels
@@ -81,6 +82,7 @@ def test_a_new_attack_is_one_class(registry, monkeypatch, tmp_path, capsys):
     listing = capsys.readouterr().out
     assert "sign-noise" in listing and "random sign" in listing and "pgd-eot" in listing
 
+    caplog.set_level(logging.INFO)
     data = quadrant_set(8, seed=1)
     monkeypatch.setattr(evaluation, "load_dataset", lambda name, split, root=None, shape=None: data)
     out = tmp_path / "ev"
@@ -89,6 +91,11 @@ def test_a_new_attack_is_one_class(registry, monkeypatch, tmp_path, capsys):
                  "--sweep", "none", "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert list(results["oblivious"]) == ["clean", "noise", "sign-noise"]
+    # Progress without a terminal: a log line per attack row with its timings.
+    lines = [r.getMessage() for r in caplog.records if "s into oblivious" in r.getMessage()]
+    assert [line.split(":")[0] for line in lines] == [
+        "oblivious clean", "oblivious noise", "oblivious sign-noise (Linf 0.1)"]
+    assert "images 1-8 of 8, attack " in lines[-1]
     assert "| random sign (L∞ 0.1) |" in (out / "results.md").read_text()
 
 
