@@ -24,6 +24,7 @@ from torch import nn
 
 from apudae_engine.core.errors import CheckpointError
 from apudae_engine.core.files import write_atomic
+from apudae_engine.method.checkpoint_schema import validate_metadata, weights_path
 from apudae_engine.method.models import arch_name, build_model, model_config
 
 FORMAT = "apudae-engine/checkpoint"
@@ -156,7 +157,8 @@ def load_checkpoint(name_or_path: str | Path, kind: str) -> Checkpoint:
                               f"is not supported (this engine reads {FORMAT_VERSION})")
     if meta.get("kind") != kind:
         raise CheckpointError(f"{jpath}: is a {meta.get('kind')} checkpoint, expected a {kind}")
-    wpath = jpath.with_name(meta.get("weights_file", jpath.with_suffix(".safetensors").name))
+    validate_metadata(meta, jpath, kind)  # every field, with limits, before anything is built
+    wpath = weights_path(meta, jpath)
     try:
         data = wpath.read_bytes()
     except OSError as exc:
@@ -166,6 +168,13 @@ def load_checkpoint(name_or_path: str | Path, kind: str) -> Checkpoint:
                               " (damaged or replaced file)")
     try:
         state = load(data)
+        with torch.device("meta"):  # shapes only: a config that does not fit allocates nothing
+            shapes = {k: tuple(v.shape) for k, v in
+                      build_model(meta["arch"], meta["config"]).state_dict().items()}
+        if shapes != {k: tuple(v.shape) for k, v in state.items()}:
+            wrong = sorted(set(shapes) ^ set(state)) or sorted(
+                k for k in shapes if shapes[k] != tuple(state[k].shape))
+            raise ValueError(f"{len(wrong)} tensors differ, first {wrong[0]}")
         model = build_model(meta["arch"], meta["config"])
         model.load_state_dict(state, strict=True)
     except (SafetensorError, ValueError, KeyError, RuntimeError) as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -92,3 +93,80 @@ def test_meta_validation():
         CheckpointMeta("gan", (1, 2, 2))
     with pytest.raises(ValueError, match="input_shape"):
         CheckpointMeta("dae", (1, 2))
+
+
+# -- every field of the JSON is checked at load time (issue 12, items 4 and 6) ------------------
+
+
+def _set(doc: dict, dotted: str, value) -> None:
+    *parents, last = dotted.split(".")
+    for key in parents:
+        doc = doc[key]
+    if value is _DELETE:
+        del doc[last]
+    else:
+        doc[last] = value
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("weights_file", "../../etc/passwd", "field 'weights_file' must be a plain file name"),
+    ("weights_file", "/etc/passwd", "field 'weights_file' must be a plain file name"),
+    ("weights_file", 5, "field 'weights_file' must be a plain file name"),
+    ("input", _DELETE, "field 'input' is missing"),
+    ("input.height", -28, "field 'input.height' must lie in"),
+    ("input.channels", 3, "field 'input.channels' is 3 but the weights take"),
+    ("calibration.mu", "2.5", "field 'calibration.mu' must be a finite number"),
+    ("calibration.mu", float("nan"), "field 'calibration.mu' must be a finite number"),
+    ("calibration.sigma", float("inf"), "field 'calibration.sigma' must be a finite number"),
+    ("calibration.sigma", 0.0, "field 'calibration.sigma' must be positive"),
+    ("calibration", [1.5, 0.25], "field 'calibration' must be a JSON object"),
+    ("config.layers", 5_000_000, "field 'config.layers' must lie in"),
+    ("config.width", "8", "field 'config.width' must be an integer"),
+    ("config.depth", 3, "field 'config.depth' is not a keyword of rednet"),
+    ("arch", "gan", "field 'arch' names no known architecture"),
+])
+def test_every_metadata_field_is_validated(saved, field, value, message):
+    _, folder = saved
+    jpath = folder / "dae.json"
+    doc = json.loads(jpath.read_text())
+    _set(doc, field, value)
+    jpath.write_text(json.dumps(doc))  # NaN/Infinity are written as Python's json writes them
+    with pytest.raises(CheckpointError, match=re.escape(message)) as err:
+        load_checkpoint(folder, "dae")
+    assert str(jpath) in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("labels, message", [
+    (["a", "b"], "field 'labels' has 2 names for 3 classes"),
+    ("abc", "field 'labels' must be a list of class names"),
+    ([1, 2, 3], "field 'labels' must be a list of class names"),
+])
+def test_classifier_labels_must_name_every_class(tmp_path, labels, message):
+    save_checkpoint(SmallCNN(1, 3, 28), tmp_path / "c",
+                    CheckpointMeta("classifier", (1, 28, 28), labels=["a", "b", "c"]))
+    doc = json.loads((tmp_path / "c.json").read_text())
+    doc["labels"] = labels
+    (tmp_path / "c.json").write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match=re.escape(message)):
+        load_checkpoint(tmp_path / "c.json", "classifier")
+
+
+def test_a_config_that_does_not_fit_the_weights_allocates_nothing(saved, monkeypatch):
+    """A JSON asking for a bigger network than its weights fails on shapes (meta tensors)."""
+    import apudae_engine.method.checkpoint as checkpoint
+
+    _, folder = saved
+    jpath = folder / "dae.json"
+    doc = json.loads(jpath.read_text())
+    doc["config"]["layers"], doc["config"]["width"] = 64, 1024  # ~1.2e9 parameters if built
+    jpath.write_text(json.dumps(doc))
+    built = []
+    real = checkpoint.build_model
+    monkeypatch.setattr(checkpoint, "build_model", lambda *a: (
+        built.append(next(real(*a).parameters()).device.type), real(*a))[1])
+    with pytest.raises(CheckpointError, match="do not fit architecture"):
+        load_checkpoint(folder, "dae")
+    assert "cpu" not in built
