@@ -11,14 +11,18 @@ Decoding policy (documented in the README):
   sums over a fixed pixel count and were measured at the model's size, and the classifier needs
   that size anyway, so the engine keeps the statistics valid instead of rescaling them.
 - Anything Pillow cannot open, truncated files, zero-byte files and images over
-  ``max_pixels`` raise :class:`ImageError` naming the file and the reason.
+  ``max_pixels`` raise :class:`ImageError` naming the file and the reason. ``max_pixels`` is
+  the only size limit: Pillow's own (``Image.MAX_IMAGE_PIXELS``) is raised to match while the
+  engine decodes.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -33,14 +37,31 @@ class ImageError(UserError):
     """One input image could not be used; the message names the file and the reason."""
 
 
-def discover_images(root: Path) -> Iterator[Path]:
+def discover_images(root: Path, follow_symlinks: bool = False) -> Iterator[Path]:
     """Image files under ``root``, recursively, in a fixed order (a folder's files by name, then
-    its sub-folders by name); hidden files and folders are skipped."""
-    for dirpath, dirnames, filenames in os.walk(root):
+    its sub-folders by name); hidden files and folders are skipped.
+
+    Links to files are listed wherever they point (see :func:`outside_root`); links to folders
+    are entered only with ``follow_symlinks`` (each real folder once, so loops end).
+    """
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=follow_symlinks):
+        if follow_symlinks:
+            real = os.path.realpath(dirpath)
+            if real in seen:
+                dirnames[:] = []
+                continue
+            seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
             if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
                 yield Path(dirpath) / name
+
+
+def outside_root(path: Path, root: Path) -> bool:
+    """Whether ``path`` (under ``root``) resolves, through links, to a file outside ``root``."""
+    real, top = os.path.realpath(path), os.path.realpath(root)
+    return os.path.commonpath([real, top]) != top
 
 
 def _to_mode(im, channels: int):
@@ -95,6 +116,37 @@ def conform_image(im, channels: int, size: tuple[int, int] | int | None = None) 
     return np.ascontiguousarray(arr)
 
 
+_pillow_lock = threading.Lock()
+_pillow_active: list[int] = []  # max_pixels of the decodes in progress
+_pillow_default: list = []  # Pillow's own limit while any is in progress, to restore
+
+
+@contextmanager
+def _pillow_pixel_limit(max_pixels: int) -> Iterator[None]:
+    """Raise Pillow's decompression-bomb limit to ``max_pixels`` while decoding.
+
+    Pillow refuses images over twice ``Image.MAX_IMAGE_PIXELS`` (about 179 M pixels) on its
+    own; the engine checks ``max_pixels`` itself (with its own message), so Pillow's limit is
+    lifted above it for as long as any decode that needs it runs, and restored afterwards.
+    """
+    from PIL import Image
+
+    with _pillow_lock:
+        if not _pillow_active:
+            _pillow_default[:] = [Image.MAX_IMAGE_PIXELS]
+        _pillow_active.append(max_pixels)
+        default = _pillow_default[0]
+        if default is not None:  # None: the user switched Pillow's check off
+            Image.MAX_IMAGE_PIXELS = max(default, max(_pillow_active))
+    try:
+        yield
+    finally:
+        with _pillow_lock:
+            _pillow_active.remove(max_pixels)
+            if not _pillow_active:
+                Image.MAX_IMAGE_PIXELS = _pillow_default[0]
+
+
 def _decode(source, path: str | Path, channels: int, size: tuple[int, int] | int | None,
             max_pixels: int, nbytes: int | None = None) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
@@ -102,7 +154,7 @@ def _decode(source, path: str | Path, channels: int, size: tuple[int, int] | int
     try:
         if (os.path.getsize(source) if nbytes is None else nbytes) == 0:
             raise ImageError(f"{path}: empty file (0 bytes)")
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _pillow_pixel_limit(max_pixels):
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(source) as im:
                 w, h = im.size

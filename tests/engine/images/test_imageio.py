@@ -49,3 +49,33 @@ def test_discovery_is_recursive_sorted_and_skips_hidden(tmp_path):
         (tmp_path / rel).write_bytes(b"x")
     found = [str(p.relative_to(tmp_path)) for p in discover_images(tmp_path)]
     assert found == ["z.webp", "a/1.JPG", "b/2.png"]
+
+
+def test_max_pixels_above_pillows_own_limit_is_honoured(tmp_path, monkeypatch):
+    """--max-pixels is the only limit: Pillow's MAX_IMAGE_PIXELS is raised to match while the
+    engine decodes (here Pillow's limit is made small instead of the image huge)."""
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow refuses > 2000 pixels
+    Image.new("L", (60, 60), 9).save(tmp_path / "a.png")  # 3600 pixels
+    assert load_image(tmp_path / "a.png", 1, max_pixels=10_000).shape == (1, 60, 60)
+    assert Image.MAX_IMAGE_PIXELS == 1000  # restored afterwards
+    with pytest.raises(ImageError, match="exceeds the limit of 3000"):
+        load_image(tmp_path / "a.png", 1, max_pixels=3000)
+
+
+def test_links_are_listed_and_outside_root_says_where_they_point(tmp_path):
+    from apudae_engine.images.codec import outside_root
+
+    root = tmp_path / "in"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "a.png").write_bytes(b"x")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "b.png").write_bytes(b"x")
+    (root / "in.png").symlink_to(root / "sub" / "a.png")
+    (root / "out.png").symlink_to(tmp_path / "elsewhere" / "b.png")
+    (root / "dirlink").symlink_to(tmp_path / "elsewhere")
+    (root / "sub" / "up").symlink_to(root)  # a loop
+    found = [str(p.relative_to(root)) for p in discover_images(root)]
+    assert found == ["in.png", "out.png", "sub/a.png"]
+    assert not outside_root(root / "in.png", root) and outside_root(root / "out.png", root)
+    followed = [str(p.relative_to(root)) for p in discover_images(root, follow_symlinks=True)]
+    assert followed == ["in.png", "out.png", "dirlink/b.png", "sub/a.png"]
