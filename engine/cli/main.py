@@ -47,7 +47,8 @@ def _cmd_purify(a: argparse.Namespace) -> int:
                     classifier=a.classifier, config=purify_config(a), device=a.device,
                     backend=a.backend, precision=a.precision, verify_every=a.verify_every,
                     overwrite=a.overwrite, preview=a.preview,
-                    max_pixels=a.max_pixels, workers=a.workers, loader=a.loader)
+                    max_pixels=a.max_pixels, workers=a.workers, loader=a.loader,
+                    follow_symlinks=a.follow_symlinks)
     summary = purify_folder(job)
     return 0 if summary.failed == 0 else 1
 
@@ -123,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "grid of N images: input | purified | amplified difference")
     p.add_argument("--max-pixels", type=int, default=64_000_000, help="refuse images larger than "
                    "this (decompression bombs)")
+    p.add_argument("--follow-symlinks", action="store_true", help="read links that point "
+                   "outside the input folder (default: an error record for each)")
     p.add_argument("--workers", type=int, default=2, help="decode/encode threads")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads for purifying "
                    "(default: torch's)")

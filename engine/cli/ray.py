@@ -24,6 +24,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "earlier run in the output folder")
     p.add_argument("--max-pixels", type=int, default=64_000_000, help="refuse images larger than "
                    "this (decompression bombs)")
+    p.add_argument("--follow-symlinks", action="store_true", help="read links that point "
+                   "outside the input folder (default: an error record for each)")
     r = p.add_argument_group("ray")
     r.add_argument("--address", default=None, help="cluster to join ('auto', 'ray://HOST:PORT'); "
                    "default: start a local Ray for this run")
@@ -51,7 +53,7 @@ def _cmd_purify_ray(a: argparse.Namespace) -> int:
     job = FolderJob(input_dir=a.input, output_dir=a.output, batch_size=a.batch, model=a.model,
                     classifier=a.classifier, config=purify_config(a), device=a.device,
                     backend=a.backend, precision=a.precision, overwrite=a.overwrite,
-                    max_pixels=a.max_pixels)
+                    max_pixels=a.max_pixels, follow_symlinks=a.follow_symlinks)
     summary = purify_folder_ray(job, address=a.address, concurrency=a.actors,
                                 num_gpus=a.gpus_per_actor, num_cpus=a.cpus_per_actor)
     return 0 if summary.failed == 0 else 1

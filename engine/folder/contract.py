@@ -2,25 +2,37 @@
 
 Layout of an output folder::
 
-    OUT/run.json          settings and model hashes of the run (resume checks them)
+    OUT/run.json          what makes the run (settings, model hashes, input folder) and what ran
     OUT/manifest.jsonl    one JSON record per input image (ok or error), sorted at the end
-    OUT/summary.json      counts, throughput and stage times of the last invocation
+    OUT/summary.json      totals of the folder and a list ``runs``: each invocation's counts
     OUT/preview.png       optional grid: input | purified | amplified difference
+    OUT/.lock             the advisory lock of the run in progress (pid, host, start time)
     OUT/<rel path>.png    purified images, same relative paths, lossless PNG
 
 A purified image is written atomically before its manifest record is appended, so after a
 kill every recorded image exists and rerunning the same command redoes only the rest. Each
 image's noise is keyed by its relative path (:func:`path_identity`), so resumed and
 uninterrupted runs write the same bytes. Either command resumes the other's folder.
+
+A record holds the input's size and mtime (``source``) and the output's size (``bytes``): a
+rerun redoes an image whose output went missing or changed size, and refuses (without
+``--overwrite``) a folder whose recorded inputs changed.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import re
+import socket
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -31,11 +43,18 @@ from apudae_engine.core.files import write_atomic
 
 log = logging.getLogger(__name__)
 MANIFEST, RUN_FILE, SUMMARY, PREVIEW = "manifest.jsonl", "run.json", "summary.json", "preview.png"
+LOCK_FILE = ".lock"
+_OWN_FILES = {MANIFEST, RUN_FILE, SUMMARY, PREVIEW, LOCK_FILE}
+NOT_FINITE = "purified result holds NaN or Inf (check the model's weights and calibration)"
 
 
 @dataclass
 class Summary:
-    """Counts of a run over a folder; ``ok`` and ``flagged`` include resumed images."""
+    """Counts of a run over a folder; ``ok`` and ``flagged`` include resumed images.
+
+    ``run`` says what ran in this invocation (backend, precision, loader); ``finish`` adds it,
+    with this invocation's counts, to the ``runs`` list of summary.json.
+    """
 
     total: int = 0
     ok: int = 0
@@ -48,6 +67,7 @@ class Summary:
     # write_wait: time the purifying thread stood idle waiting for them (the bottleneck shows).
     stage_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
         ("decode", "decode_wait", "purify", "write", "write_wait"), 0.0))
+    run: dict[str, Any] = field(default_factory=dict)
 
     @property
     def images_per_second(self) -> float:
@@ -57,13 +77,71 @@ class Summary:
 
 
 def path_identity(rel: str) -> int:
-    """A 32-bit identity for an image from its relative path (keys its noise)."""
-    return int.from_bytes(hashlib.sha256(rel.encode()).digest()[:4], "little")
+    """A 32-bit identity for an image from its relative path (keys its noise).
+
+    The path's bytes as the file system holds them (``os.fsencode``), so a name that is not
+    valid UTF-8 has an identity too; valid names give the same identity as their UTF-8 text.
+    """
+    return int.from_bytes(hashlib.sha256(os.fsencode(rel)).digest()[:4], "little")
 
 
 def output_name(rel: Path) -> Path:
-    """The output file of the input at relative path ``rel``."""
+    """The output file of the input at relative path ``rel`` when no other input shares it."""
     return rel.with_suffix(".png")
+
+
+def output_names(rels: Iterable[str]) -> dict[str, str]:
+    """The output file of each input (relative paths): ``x.jpg`` -> ``x.png``, unless another
+    input would get the same name, compared case-insensitively (``x.png`` and ``x.jpg``,
+    ``A.png`` and ``a.PNG``). Then each of them keeps its whole name: ``x.jpg.png``,
+    ``x.png.png``; names that still clash (differing only in case) get a short hash of the
+    path: ``A.png.1f2e3d4c.png``. Names of the engine's own files count as taken."""
+    rels = list(rels)
+    names = {r: str(output_name(Path(r))) for r in rels}
+    for attempt in (lambda r: r + ".png",
+                    lambda r: f"{r}.{path_identity(r):08x}.png"):
+        groups: dict[str, list[str]] = {}
+        for r in rels:
+            groups.setdefault(names[r].casefold(), []).append(r)
+        clashes = [r for key, group in groups.items() for r in group
+                   if len(group) > 1 or key in _OWN_FILES]
+        if not clashes:
+            break
+        for r in clashes:
+            names[r] = attempt(r)
+    return names
+
+
+@dataclass
+class InputFile:
+    """One discovered input: its path, its path relative to the input folder (the manifest's
+    key), its output name, its size and mtime, and why it is refused (None: it is not)."""
+
+    path: Path
+    rel: str
+    output: str
+    source: dict[str, int] | None
+    refused: str | None = None
+
+
+def discover_inputs(input_dir: Path, follow_symlinks: bool = False) -> list[InputFile]:
+    """The images under ``input_dir`` with their output names (:func:`output_names`).
+
+    A link that resolves outside the input folder is refused unless ``follow_symlinks``: it
+    gets an error record instead of being read.
+    """
+    from apudae_engine.images.codec import discover_images, outside_root
+
+    files = list(discover_images(input_dir, follow_symlinks))
+    rels = [os.path.relpath(f, input_dir) for f in files]
+    names = output_names(rels)
+    inputs = []
+    for f, rel in zip(files, rels):
+        refused = None
+        if not follow_symlinks and outside_root(f, input_dir):
+            refused = f"{f}: symlink outside the input folder; --follow-symlinks to allow"
+        inputs.append(InputFile(f, rel, names[rel], source_of(f), refused))
+    return inputs
 
 
 def check_folders(input_dir: Path, output_dir: Path) -> None:
@@ -76,47 +154,166 @@ def check_folders(input_dir: Path, output_dir: Path) -> None:
     if out == inp or inp in out.parents:
         raise UserError(f"output folder {output_dir} is inside the input folder "
                         f"{input_dir}; choose an output outside it")
+    for folder in (output_dir, *output_dir.parents):
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"output folder {output_dir}: {folder} is a file, not a folder; "
+                            "choose another --output")
 
 
 def run_identity(purifier, config: dict[str, Any], precision: str, classifier_sha256: str | None,
                  input_dir: Path) -> dict[str, Any]:
-    """What makes two runs the same run: a rerun resumes only when all of this is equal."""
+    """What makes two runs the same run: a rerun resumes only when all of this is equal.
+
+    The input folder is part of it: the same output folder with another input is refused.
+    """
     ck = purifier.checkpoint
     return {"engine": __version__, "dae_sha256": ck.weights_sha256 if ck else None,
             "mu": purifier.mu, "sigma": purifier.sigma, "classifier_sha256": classifier_sha256,
             "config": config, "input_shape": list(purifier.input_shape or []),
-            "precision": precision, "input": str(input_dir.resolve())}
+            "precision": precision, "input": os.fsdecode(os.path.realpath(input_dir))}
 
 
-def prepare_output(out: Path, identity: dict[str, Any], overwrite: bool) -> dict[str, dict]:
-    """Create or validate the output folder; return the manifest records that can be kept."""
+def source_of(path: Path) -> dict[str, int] | None:
+    """What a record keeps of its input file to notice a later change: size and mtime."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def output_error(exc: OSError, path: Path | str) -> UserError:
+    """One line naming the output path and why it cannot be written."""
+    reason = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
+              errno.EFBIG: "the file size limit was reached (ulimit -f)",
+              errno.EROFS: "the file system is read-only",
+              errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+              errno.ENOTDIR: "a part of the path is a file, not a folder",
+              errno.EEXIST: "a part of the path is a file, not a folder",
+              errno.EISDIR: "a folder is in the way"}.get(exc.errno)
+    reason = reason or (exc.strerror or str(exc))
+    where = exc.filename if exc.filename else path
+    return UserError(f"cannot write the output {where}: {reason}")
+
+
+# Write errors that concern one file's name or place: that image gets an error record and the
+# run goes on. Any other (full disk, size limit, read-only, permissions) stops the run.
+ONE_FILE_ERRORS = (errno.ENAMETOOLONG, errno.EISDIR, errno.ENOTDIR, errno.EEXIST)
+
+
+def stopped_error(exc: OSError, out: Path, recorded: int) -> UserError:
+    """The one line that ends a run the output folder cannot take (disk full, read-only...)."""
+    return UserError(f"{output_error(exc, out)}; stopped cleanly with {recorded} images "
+                     f"recorded in {out / MANIFEST} (this run's partial files removed); fix "
+                     "that and rerun the same command to resume")
+
+
+@contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold the output folder's advisory lock (``fcntl.flock`` on OUT/.lock) for a run.
+
+    A second run on the same folder fails at once with a UserError naming the holder's pid,
+    host and start time. The lock is released when the run ends, however it ends.
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise output_error(exc, out) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
+            except ValueError:
+                holder = {}
+            raise UserError(
+                f"output folder {out} is in use by another run (pid {holder.get('pid', '?')} "
+                f"on {holder.get('host', '?')}, started {holder.get('started', '?')}); wait for "
+                "it to finish or choose another --output") from None
+        me = {"pid": os.getpid(), "host": socket.gethostname(),
+              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(me).encode(), 0)
+        except OSError:
+            pass  # the lock holds without the note (a full disk is reported by the run)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def prepare_output(out: Path, identity: dict[str, Any], overwrite: bool,
+                   planned: dict[str, str], sources: dict[str, dict | None],
+                   run: dict[str, Any] | None = None) -> dict[str, dict]:
+    """Validate the output folder (under its lock) and write run.json; return the records of
+    images that need no work: recorded ok, same output name, output present with its recorded
+    size. ``planned`` maps each input to its output name, ``sources`` to its size and mtime.
+
+    Refused without ``overwrite``: a folder holding other files, another run's results (other
+    settings, models or input folder), or recorded inputs that changed since.
+    """
     run_file, manifest = out / RUN_FILE, out / MANIFEST
-    if out.exists() and any(out.iterdir()):
+    records: dict[str, dict] = {}
+    try:
+        entries = [p.name for p in out.iterdir() if p.name != LOCK_FILE]
+    except OSError as exc:
+        raise output_error(exc, out) from None
+    if entries:
         previous = None
         if run_file.is_file():
             try:
                 previous = json.loads(run_file.read_text())
-            except (OSError, ValueError):
+                previous.pop("ran", None)  # what ran may differ between the runs of one run
+            except (OSError, ValueError, AttributeError):
                 previous = None
-        same = previous is not None and {k: v for k, v in previous.items() if k != "input"} == {
-            k: v for k, v in identity.items() if k != "input"}
+        same = previous == identity
         if not same and not overwrite:
-            what = "results of a run with different settings or models" if previous else \
-                "files not written by apudae-engine"
+            what = "results of a run with different settings, models or input folder" \
+                if previous else "files not written by apudae-engine"
             raise UserError(f"output folder {out} already holds {what}; pass --overwrite to "
                             "replace them or choose another --output")
+        if same and manifest.is_file():
+            records = _changed_inputs_checked(read_records(manifest), sources, overwrite)
         if not same:
             manifest.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    if removed := remove_partial_files(out):
-        log.info("removed %d partial files left by an interrupted run", removed)
-    write_atomic(run_file, (json.dumps(identity, indent=2) + "\n").encode())
-    records: dict[str, dict] = {}
-    if manifest.is_file():
-        _drop_torn_tail(manifest)
-        records = read_records(manifest)
-    return {p: r for p, r in records.items()
-            if r.get("status") == "ok" and (out / r["output"]).is_file()}
+            (out / SUMMARY).unlink(missing_ok=True)
+    try:
+        if removed := remove_partial_files(out):
+            log.info("removed %d partial files left by an interrupted run", removed)
+        doc = {**identity, "ran": run or {}}
+        write_atomic(run_file, (json.dumps(doc, indent=2) + "\n").encode())
+        if manifest.is_file():
+            _drop_torn_tail(manifest)
+    except OSError as exc:
+        raise output_error(exc, out) from None
+    done = {}
+    for p, r in records.items():
+        if r.get("status") != "ok" or r.get("output") != planned.get(p):
+            continue
+        try:
+            size = (out / r["output"]).stat().st_size
+        except OSError:
+            continue
+        if size == r.get("bytes"):
+            done[p] = r
+        else:
+            log.warning("%s: recorded output %s has %d bytes, not %s; redoing it", p,
+                        out / r["output"], size, r.get("bytes"))
+    return done
+
+
+def _changed_inputs_checked(records: dict[str, dict], sources: dict[str, dict | None],
+                            overwrite: bool) -> dict[str, dict]:
+    changed = [p for p, r in records.items() if p in sources and r.get("source") is not None
+               and sources[p] is not None and r["source"] != sources[p]]
+    if changed and not overwrite:
+        more = f" and {len(changed) - 1} more" if len(changed) > 1 else ""
+        raise UserError(f"input {changed[0]!r}{more} changed (size or mtime) since it was "
+                        "purified into this output folder; pass --overwrite to redo changed "
+                        "inputs or choose another --output")
+    return {p: r for p, r in records.items() if p not in changed}
 
 
 _PART_FILE = re.compile(r"^\..+\.part\d+$")  # core.files.write_atomic's temporary names
@@ -152,7 +349,11 @@ def read_records(manifest: Path) -> dict[str, dict]:
 
 
 def append_records(manifest: IO[str], records: list[dict]) -> None:
-    """Append records and fsync them; call only after their output files are in place."""
+    """Append records and fsync them; call only after their output files are in place.
+
+    Names that are not valid UTF-8 are kept as JSON escapes of their surrogates
+    (``\\udcff``), which read back to the same path.
+    """
     for rec in records:
         manifest.write(json.dumps(rec) + "\n")
     manifest.flush()
@@ -162,19 +363,30 @@ def append_records(manifest: IO[str], records: list[dict]) -> None:
 def image_record(path: str, *, error: str | None = None, output: str | None = None,
                  r_before: float = 0.0, r_after: float = 0.0, threshold: float | None = None,
                  active_steps: int = 0, steps: int = 0, label_before: int | None = None,
-                 label_after: int | None = None, labels: list[str] | None = None) -> dict:
-    """The manifest record of one input: an error record when ``error`` is given, else an ok
-    record (``flagged`` when ``r_before > threshold``; class names from ``labels``)."""
+                 label_after: int | None = None, labels: list[str] | None = None,
+                 source: dict | None = None, nbytes: int | None = None) -> dict:
+    """The manifest record of one input: an error record when ``error`` is given (or when
+    ``r_before``/``r_after`` are not finite), else an ok record (``flagged`` when
+    ``r_before > threshold``; class names from ``labels``). ``source`` is the input's size
+    and mtime (:func:`source_of`), ``nbytes`` the output's size."""
+    if error is None and not (math.isfinite(r_before) and math.isfinite(r_after)):
+        error = f"{path}: {NOT_FINITE}"
     if error is not None:
-        return {"path": path, "status": "error", "error": error}
-    rec = {"path": path, "status": "ok", "output": output,
-           "r_before": round(float(r_before), 6), "r_after": round(float(r_after), 6),
-           "flagged": threshold is not None and bool(r_before > threshold),
-           "active_steps": int(active_steps), "steps": int(steps)}
-    if label_before is not None:
-        rec["label_before"], rec["label_after"] = int(label_before), int(label_after)
-        if labels:
-            rec["class_before"], rec["class_after"] = labels[label_before], labels[label_after]
+        rec = {"path": path, "status": "error", "error": error}
+    else:
+        rec = {"path": path, "status": "ok", "output": output,
+               "r_before": round(float(r_before), 6), "r_after": round(float(r_after), 6),
+               "flagged": threshold is not None and bool(r_before > threshold),
+               "active_steps": int(active_steps), "steps": int(steps)}
+        if label_before is not None:
+            rec["label_before"], rec["label_after"] = int(label_before), int(label_after)
+            if labels:
+                rec["class_before"] = labels[int(label_before)]
+                rec["class_after"] = labels[int(label_after)]
+        if nbytes is not None:
+            rec["bytes"] = int(nbytes)
+    if source is not None:
+        rec["source"] = source
     return rec
 
 
@@ -189,10 +401,20 @@ def resumed_summary(out: Path, total: int, todo: int, done: dict[str, dict]) -> 
 
 
 def finish(out: Path, summary: Summary, preview: list) -> None:
-    """Sort the manifest, write summary.json (and the preview), and log the outcome."""
+    """Sort the manifest, write summary.json (and the preview), and log the outcome.
+
+    summary.json holds the totals of the whole folder and, in ``runs``, every invocation's
+    own counts, rate and what ran (a resumed run adds to the list, it does not replace it).
+    """
     records = read_records(out / MANIFEST)
     body = "".join(json.dumps(records[k]) + "\n" for k in sorted(records))
     write_atomic(out / MANIFEST, body.encode())
+    runs = []
+    with suppress(OSError, ValueError, AttributeError):
+        runs = list(json.loads((out / SUMMARY).read_text()).get("runs", []))
+    runs.append({**summary.run, "ok": summary.ok - summary.resumed, "failed": summary.failed,
+                 "resumed": summary.resumed, "seconds": round(summary.seconds, 3),
+                 "images_per_second": round(summary.images_per_second, 1)})
     doc = {"total": summary.total, "ok": summary.ok, "failed": summary.failed,
            "resumed": summary.resumed, "flagged": summary.flagged,
            "seconds": round(summary.seconds, 3),
@@ -202,6 +424,7 @@ def finish(out: Path, summary: Summary, preview: list) -> None:
         doc["verify"] = {"batches": len(summary.verify),
                          "max_abs_diff": max(r["max_abs_diff"] for r in summary.verify),
                          "records": summary.verify}
+    doc["runs"] = runs
     write_atomic(out / SUMMARY, (json.dumps(doc, indent=2) + "\n").encode())
     if preview:
         from apudae_engine.images.preview import write_preview
@@ -211,5 +434,5 @@ def finish(out: Path, summary: Summary, preview: list) -> None:
              "manifest %s", summary.ok, summary.resumed, summary.failed, summary.flagged,
              summary.images_per_second, out / MANIFEST)
     if summary.failed:
-        log.warning("%d images could not be read; see the error records in %s", summary.failed,
-                    out / MANIFEST)
+        log.warning("%d images could not be purified; see the error records in %s",
+                    summary.failed, out / MANIFEST)

@@ -6,7 +6,9 @@ Decoding the next batch, purifying this one and writing the previous one overlap
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,18 +27,25 @@ from apudae_engine.core.host import resolve_device
 from apudae_engine.core.progress import progress
 from apudae_engine.folder.contract import (
     MANIFEST,
+    NOT_FINITE,
+    ONE_FILE_ERRORS,
+    InputFile,
     Summary,
     append_records,
     check_folders,
+    discover_inputs,
     finish,
     image_record,
-    output_name,
+    output_error,
+    output_lock,
     path_identity,
     prepare_output,
+    remove_partial_files,
     resumed_summary,
     run_identity,
+    stopped_error,
 )
-from apudae_engine.images.codec import discover_images, encode_png, to_uint8
+from apudae_engine.images.codec import encode_png, to_uint8
 from apudae_engine.images.loaders import BatchData, get_loader
 from apudae_engine.method.checkpoint import load_classifier
 from apudae_engine.method.config import PurifyConfig
@@ -64,6 +73,7 @@ class FolderJob:
     max_pixels: int = 64_000_000
     workers: int = 2
     loader: str = "auto"  # auto, cpu, dali or nvjpeg; see apudae_engine.images.loaders
+    follow_symlinks: bool = False  # read links that point outside the input folder
 
     def __post_init__(self) -> None:
         self.input_dir = Path(self.input_dir)
@@ -86,10 +96,17 @@ def load_job_classifier(job: FolderJob, device: torch.device | str):
     return None if ckpt is None else (ckpt.model, ckpt.meta.get("labels"), ckpt.weights_sha256)
 
 
-def _write_png(path: Path, arr: np.ndarray) -> float:
+def _write_png(path: Path, arr: np.ndarray) -> tuple[float, int | str]:
+    """Encode and write one output; (seconds, bytes written or the error of this file)."""
     t0 = time.perf_counter()
-    write_atomic(path, encode_png(arr))
-    return time.perf_counter() - t0
+    data = encode_png(arr)
+    try:
+        write_atomic(path, data)
+    except OSError as exc:
+        if exc.errno not in ONE_FILE_ERRORS:
+            raise
+        return time.perf_counter() - t0, str(output_error(exc, path))
+    return time.perf_counter() - t0, len(data)
 
 
 def _batched(items: list, n: int) -> Iterator[list]:
@@ -97,16 +114,20 @@ def _batched(items: list, n: int) -> Iterator[list]:
         yield items[i:i + n]
 
 
-
-
 def purify_folder(job: FolderJob) -> Summary:
-    """Purify every image under ``job.input_dir`` into ``job.output_dir``; see module doc."""
+    """Purify every image under ``job.input_dir`` into ``job.output_dir``.
+
+    The output folder follows :mod:`apudae_engine.folder.contract`. Every check (folders,
+    backend, model, classifier, loader) runs before anything is written; the output folder is
+    locked for the run. Returns the run's :class:`Summary`.
+    Example: ``purify_folder(FolderJob("photos", "clean", batch_size=64))``.
+    """
     check_folders(job.input_dir, job.output_dir)
-    files = list(discover_images(job.input_dir))
-    if not files:
+    inputs = discover_inputs(job.input_dir, job.follow_symlinks)
+    if not inputs:
         raise UserError(f"no images (png, jpg, jpeg, bmp, tif, tiff, webp) under {job.input_dir}")
     device = resolve_device(job.device)
-    backend = backend_for_job(job.backend, job.precision, len(files), device)
+    backend = backend_for_job(job.backend, job.precision, len(inputs), device)
     purifier = Purifier.from_pretrained(job.model, job.config, device, backend=backend,
                                         precision=job.precision)
     spot_check = SpotCheck(every=job.verify_every)
@@ -115,28 +136,56 @@ def purify_folder(job: FolderJob) -> Summary:
     clf, labels, clf_sha = load_job_classifier(job, device) or (None, None, None)
     identity = run_identity(purifier, job.config.to_dict(), job.precision, clf_sha,
                             job.input_dir)
-    done = prepare_output(job.output_dir, identity, job.overwrite)
+    with get_loader(job.loader, device, job.workers) as loader, output_lock(job.output_dir):
+        ran = {"backend": purifier.backend_report(device), "loader": loader.name,
+               "device": str(device)}
+        done = prepare_output(job.output_dir, identity, job.overwrite,
+                              {i.rel: i.output for i in inputs},
+                              {i.rel: i.source for i in inputs}, ran)
+        todo = [i for i in inputs if i.rel not in done]
+        summary = resumed_summary(job.output_dir, len(inputs), len(todo), done)
+        summary.run = ran
+        _run(job, todo, summary, purifier, clf, labels, device, loader, spot_check)
+    return summary
 
-    rels = [f.relative_to(job.input_dir) for f in files]
-    todo = [(f, r) for f, r in zip(files, rels) if str(r) not in done]
-    summary = resumed_summary(job.output_dir, len(files), len(todo), done)
+
+def _run(job: FolderJob, todo: list[InputFile], summary: Summary, purifier: Purifier, clf,
+         labels, device: torch.device, loader, spot_check: SpotCheck) -> None:
     log.info("purifying %d images from %s with %s (%s, %d steps) on %s", len(todo),
              job.input_dir, job.model, job.config.method, job.config.steps, device)
     preview: list[tuple[np.ndarray, np.ndarray]] = []
     t_start = time.perf_counter()
-    bar = progress(total=len(files), initial=summary.resumed, desc="purify", unit="img")
-    loader = get_loader(job.loader, device, job.workers)
+    bar = progress(total=summary.total, initial=summary.resumed, desc="purify", unit="img")
     shape = purifier.input_shape
+    refused = [i for i in todo if i.refused]
+    todo = [i for i in todo if not i.refused]
 
-    def load(batch: list) -> tuple[BatchData, float]:
+    def load(batch: list[InputFile]) -> tuple[BatchData, float]:
         t0 = time.perf_counter()
-        return loader.load_batch([f for f, _ in batch], shape, job.max_pixels), \
+        return loader.load_batch([i.path for i in batch], shape, job.max_pixels), \
             time.perf_counter() - t0
 
-    def commit(records: list[dict], writes: list[Future], n: int) -> None:
+    def commit(pending: list[tuple[dict, Future | None]], n: int) -> None:
         # A batch's records go in only after its files are in place (resume relies on it).
         t0 = time.perf_counter()
-        summary.stage_seconds["write"] += sum(w.result() for w in writes)
+        records = []
+        for fields, write in pending:
+            if write is not None:
+                seconds, written = write.result()
+                summary.stage_seconds["write"] += seconds
+                if isinstance(written, str):  # this file could not be written; the run goes on
+                    fields = {"path": fields["path"], "error": written,
+                              "source": fields["source"]}
+                else:
+                    fields["nbytes"] = written
+            rec = image_record(**fields)
+            if rec["status"] == "ok":
+                summary.ok += 1
+                summary.flagged += int(rec["flagged"])
+            else:
+                log.error("%s", rec["error"])
+                summary.failed += 1
+            records.append(rec)
         summary.stage_seconds["write_wait"] += time.perf_counter() - t0
         append_records(mf, records)
         bar.update(n)
@@ -144,49 +193,70 @@ def purify_folder(job: FolderJob) -> Summary:
         bar.set_postfix(ok=summary.ok, failed=summary.failed,
                         ips=f"{summary.images_per_second:.0f}/s")
 
-    with loader, ThreadPoolExecutor(1, thread_name_prefix="prefetch") as prefetch, \
-            ThreadPoolExecutor(job.workers, thread_name_prefix="write") as pool, \
-            open(job.output_dir / MANIFEST, "a") as mf:
-        batches = list(_batched(todo, job.batch_size))
-        pending = prefetch.submit(load, batches[0]) if batches else None
-        writing = None
-        for bi, batch in enumerate(batches):
-            t0 = time.perf_counter()
-            data, seconds = pending.result()
-            summary.stage_seconds["decode_wait"] += time.perf_counter() - t0
-            summary.stage_seconds["decode"] += seconds
-            if bi + 1 < len(batches):  # decode the next batch while this one is purified
-                pending = prefetch.submit(load, batches[bi + 1])
-            records, writes = _process_batch(batch, data, purifier, clf, labels, device, job,
-                                             pool, summary, preview, spot_check, bi)
-            if writing is not None:  # the previous batch was written while this one ran
-                commit(*writing)
-            writing = (records, writes, len(batch))
-        if writing is not None:
-            commit(*writing)
+    writing: list = []
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="prefetch") as prefetch, \
+                ThreadPoolExecutor(job.workers, thread_name_prefix="write") as pool, \
+                open(job.output_dir / MANIFEST, "a") as mf:
+            if refused:
+                commit([({"path": i.rel, "error": i.refused, "source": i.source}, None)
+                        for i in refused], len(refused))
+            batches = list(_batched(todo, job.batch_size))
+            pending = prefetch.submit(load, batches[0]) if batches else None
+            for bi, batch in enumerate(batches):
+                t0 = time.perf_counter()
+                data, seconds = pending.result()
+                summary.stage_seconds["decode_wait"] += time.perf_counter() - t0
+                summary.stage_seconds["decode"] += seconds
+                if bi + 1 < len(batches):  # decode the next batch while this one is purified
+                    pending = prefetch.submit(load, batches[bi + 1])
+                writing.append((_process_batch(batch, data, purifier, clf, labels, device, job,
+                                               pool, summary, preview, spot_check, bi),
+                                len(batch)))
+                if len(writing) > 1:  # the previous batch was written while this one ran
+                    commit(*writing[0])
+                    writing.pop(0)
+            while writing:
+                commit(*writing[0])
+                writing.pop(0)
+    except OSError as exc:  # the output cannot take more: keep what is recorded, stop cleanly
+        bar.close()
+        raise _stopped(job, exc, writing, summary) from None
     bar.close()
     summary.seconds = time.perf_counter() - t_start
     summary.verify = spot_check.records
+    summary.run["backend"] = purifier.backend_report(device)  # a failed compile shows here
     finish(job.output_dir, summary, preview)
-    return summary
+
+
+def _stopped(job: FolderJob, exc: OSError, writing: list, summary: Summary) -> UserError:
+    """Remove this run's unrecorded outputs and partial files; the error to report."""
+    for pending, _ in writing:
+        for fields, write in pending:
+            if write is not None and fields.get("output"):
+                (job.output_dir / fields["output"]).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        remove_partial_files(job.output_dir)
+    return stopped_error(exc, job.output_dir, summary.ok)
 
 
 @torch.no_grad()
-def _process_batch(batch, data: BatchData, purifier: Purifier, clf, labels, device,
-                   job: FolderJob, pool: ThreadPoolExecutor, summary: Summary, preview: list,
-                   spot_check=None, batch_index: int = 0) -> tuple[list[dict], list[Future]]:
-    """Purify one decoded batch and start writing it; returns its records and the writes."""
-    records: list[dict] = []
+def _process_batch(batch: list[InputFile], data: BatchData, purifier: Purifier, clf, labels,
+                   device, job: FolderJob, pool: ThreadPoolExecutor, summary: Summary,
+                   preview: list, spot_check=None,
+                   batch_index: int = 0) -> list[tuple[dict, Future | None]]:
+    """Purify one decoded batch and start writing it; returns each image's record fields (for
+    ``contract.image_record``) with its write, None where nothing is written."""
+    pending: list[tuple[dict, Future | None]] = []
     for i, exc in sorted(data.errors.items()):
-        log.error("%s", exc)
-        summary.failed += 1
-        records.append(image_record(str(batch[i][1]), error=str(exc)))
-    good = [batch[i][1] for i in data.ok]
+        pending.append(({"path": batch[i].rel, "error": str(exc), "source": batch[i].source},
+                        None))
+    good = [batch[i] for i in data.ok]
     if not good:
-        return records, []
+        return pending
     t0 = time.perf_counter()
     x = data.images
-    ids = torch.tensor([path_identity(str(r)) for r in good], dtype=torch.int64, device=device)
+    ids = torch.tensor([path_identity(i.rel) for i in good], dtype=torch.int64, device=device)
     result = purifier.purify(x, ids)
     if spot_check is not None:
         spot_check(batch_index, purifier, x, ids, result)
@@ -196,26 +266,29 @@ def _process_batch(batch, data: BatchData, purifier: Purifier, clf, labels, devi
     if clf is not None:
         pred_before = clf(x).argmax(1).tolist()
         pred_after = clf(out).argmax(1).tolist()
+    finite = torch.isfinite(out).flatten(1).all(1).tolist()
     if device.type == "cuda":
         torch.cuda.synchronize()
     summary.stage_seconds["purify"] += time.perf_counter() - t0
     arrays = to_uint8(out)
-    writes = [pool.submit(_write_png, job.output_dir / output_name(rel), a)
-              for rel, a in zip(good, arrays)]
     inputs = to_uint8(x[:max(0, job.preview - len(preview))])  # exact: x holds uint8 / 255
     threshold = purifier.flag_threshold()
     # One device-to-host copy per list: indexing CUDA tensors per image syncs every time.
     r_before, r_after = result.error_before.tolist(), r_after.tolist()
     active_steps = result.active_steps.tolist()
-    for i, rel in enumerate(good):
-        rec = image_record(str(rel), output=str(output_name(rel)), r_before=r_before[i],
-                           r_after=r_after[i], threshold=threshold,
-                           active_steps=active_steps[i], steps=job.config.steps,
-                           label_before=None if clf is None else pred_before[i],
-                           label_after=None if clf is None else pred_after[i], labels=labels)
-        records.append(rec)
-        summary.ok += 1
-        summary.flagged += int(rec["flagged"])
+    for i, item in enumerate(good):
+        if not (finite[i] and math.isfinite(r_before[i]) and math.isfinite(r_after[i])):
+            # Never an output or an ok record from NaN/Inf (they would quantise to black).
+            pending.append(({"path": item.rel, "error": f"{item.path}: {NOT_FINITE}",
+                             "source": item.source}, None))
+            continue
+        fields = dict(path=item.rel, output=item.output, r_before=r_before[i],
+                      r_after=r_after[i], threshold=threshold, active_steps=active_steps[i],
+                      steps=job.config.steps, source=item.source,
+                      label_before=None if clf is None else pred_before[i],
+                      label_after=None if clf is None else pred_after[i], labels=labels)
+        pending.append((fields, pool.submit(_write_png, job.output_dir / item.output,
+                                            arrays[i])))
         if len(preview) < job.preview:
-            preview.append((inputs[i], arrays[i], rec))
-    return records, writes
+            preview.append((inputs[i], arrays[i]))
+    return pending

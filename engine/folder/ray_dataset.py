@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from apudae_engine.core.errors import BackendUnavailable, UserError
-from apudae_engine.folder.contract import image_record, path_identity
+from apudae_engine.folder.contract import NOT_FINITE, image_record, path_identity
 from apudae_engine.images.codec import (
     DEFAULT_MAX_PIXELS,
     ImageError,
@@ -82,8 +82,8 @@ class PurifyBatches:
     failed), ``status`` ("ok"/"error"), ``error``, ``image_id``, ``r_before``, ``r_after``,
     ``flagged``, ``active_steps``, ``steps`` and, with a classifier, ``label_before``,
     ``label_after`` (-1 on error rows), ``class_before``, ``class_after``.
-    Only ``bytes`` rows that cannot be decoded become error rows; an ``image`` of a shape,
-    dtype or range the engine cannot use raises :class:`UserError` naming the row.
+    Error rows: ``bytes`` that cannot be decoded, and results holding NaN or Inf; an ``image``
+    of a shape, dtype or range the engine cannot use raises :class:`UserError` naming the row.
     """
 
     def __init__(self, model: str | Path = "fmnist", config: PurifyConfig | None = None,
@@ -135,6 +135,10 @@ class PurifyBatches:
             out_u8[ok] = to_uint8(pur)
             r_before[ok] = result.error_before.cpu().numpy()
             active[ok] = result.active_steps.cpu().numpy()
+            for i in ok:  # never an "ok" row from NaN/Inf (it would quantise to black)
+                if not (np.isfinite(r_before[i]) and np.isfinite(r_after[i])):
+                    errors[i] = f"{names[i]}: {NOT_FINITE}"
+                    out_u8[i] = 0
         threshold = self.purifier.flag_threshold()
         out = {k: v for k, v in batch.items() if k not in ("image", "bytes")}
         if self.encode_png:

@@ -11,7 +11,9 @@ images; either command resumes the other's folder).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
 import re
 import time
@@ -26,19 +28,24 @@ from apudae_engine.core.files import write_atomic
 from apudae_engine.core.progress import progress
 from apudae_engine.folder.contract import (
     MANIFEST,
+    ONE_FILE_ERRORS,
+    InputFile,
     Summary,
     append_records,
     check_folders,
+    discover_inputs,
     finish,
     image_record,
-    output_name,
+    output_error,
+    output_lock,
     prepare_output,
+    remove_partial_files,
     resumed_summary,
     run_identity,
+    stopped_error,
 )
 from apudae_engine.folder.local import FolderJob, load_job_classifier
 from apudae_engine.folder.ray_dataset import import_ray, purify_dataset
-from apudae_engine.images.codec import discover_images
 
 log = logging.getLogger(__name__)
 
@@ -59,104 +66,172 @@ def purify_folder_ray(job: FolderJob, address: str | None = None,
     """
     check_folders(job.input_dir, job.output_dir)
     root = job.input_dir.resolve()
-    files = list(discover_images(root))
-    if not files:
+    inputs = discover_inputs(job.input_dir, job.follow_symlinks)
+    if not inputs:
         raise UserError(f"no images (png, jpg, jpeg, bmp, tif, tiff, webp) under {job.input_dir}")
+    for item in inputs:
+        if item.refused is None and not _utf8(item.rel):
+            # Ray reads paths as UTF-8 text; such a file is recorded, not lost in a traceback.
+            item.refused = (f"{item.path}: name is not valid UTF-8, which Ray cannot read; "
+                            "rename it or use `apudae-engine purify`")
     # Loaded here only for the run identity (hashes, mu, sigma) and to fail before Ray starts.
     purifier = Purifier.from_pretrained(job.model, job.config, "cpu")
     _, labels, clf_sha = load_job_classifier(job, "cpu") or (None, None, None)
     identity = run_identity(purifier, job.config.to_dict(), job.precision, clf_sha, root)
-    done = prepare_output(job.output_dir, identity, job.overwrite)
-    todo = [f for f in files if str(f.relative_to(root)) not in done]
-    summary = resumed_summary(job.output_dir, len(files), len(todo), done)
-    threshold = purifier.flag_threshold()
-    t_start, write_seconds = time.perf_counter(), 0.0
-    if todo:
-        ray = import_ray()
-        started = not ray.is_initialized()
-        if started:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                     logging_level=logging.WARNING)
-        context, ray_log = ray.data.DataContext.get_current(), logging.getLogger("ray.data")
-        bars, level = context.enable_progress_bars, ray_log.level
-        if not log.isEnabledFor(logging.DEBUG):  # our bar and log lines say the same
-            context.enable_progress_bars = False
-            ray_log.setLevel(logging.CRITICAL)  # a failure is re-raised below
-        log.info("purifying %d images from %s with %s on Ray (%s)", len(todo), job.input_dir,
-                 job.model, ray.get_runtime_context().gcs_address)
-        try:
-            # Reading bytes is I/O. Were a read to need a CPU, it could wait forever behind
-            # actors that hold every CPU (--actors N on N cores). Decoding runs in the actors.
-            ds = ray.data.read_binary_files([str(f) for f in todo], include_paths=True,
-                                            num_cpus=0)
-            backend = backend_for_job(job.backend, job.precision, len(files))
-            ds = purify_dataset(ds, job.model, job.config, classifier=job.classifier, root=root,
-                                device=job.device, backend=backend,
-                                precision=job.precision, encode_png=True,
-                                max_pixels=job.max_pixels, batch_size=job.batch_size,
-                                concurrency=concurrency, num_gpus=num_gpus, num_cpus=num_cpus)
-            write_seconds = _write_results(ds, job, root, summary, threshold, labels)
-        except Exception as exc:
-            user = _user_error(exc)
-            if user is None:
-                raise
-            raise user from None
-        finally:
-            context.enable_progress_bars = bars
-            ray_log.setLevel(level)
-            if started:
-                ray.shutdown()
-    summary.seconds = time.perf_counter() - t_start
-    # Decoding, purifying and encoding run in the actors; only the driver's writes are timed.
-    summary.stage_seconds = {"write": write_seconds}
-    finish(job.output_dir, summary, [])
+    backend = backend_for_job(job.backend, job.precision, len(inputs))
+    ran = {"backend": {"requested": job.backend, "backend": backend, "precision": job.precision,
+                       "fallback": None, "where": "ray actors"}, "loader": "ray", "device":
+           job.device}
+    with output_lock(job.output_dir):
+        done = prepare_output(job.output_dir, identity, job.overwrite,
+                              {i.rel: i.output for i in inputs},
+                              {i.rel: i.source for i in inputs}, ran)
+        todo = [i for i in inputs if i.rel not in done]
+        summary = resumed_summary(job.output_dir, len(inputs), len(todo), done)
+        summary.run = ran
+        t_start = time.perf_counter()
+        write_seconds = _run(job, root, todo, summary, backend, purifier.flag_threshold(),
+                             labels, address, concurrency, num_gpus, num_cpus)
+        summary.seconds = time.perf_counter() - t_start
+        # Decoding, purifying and encoding run in the actors; only the driver's writes are timed.
+        summary.stage_seconds = {"write": write_seconds}
+        finish(job.output_dir, summary, [])
     return summary
 
 
-def _write_results(ds, job: FolderJob, root: Path, summary: Summary, threshold: float | None,
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _run(job: FolderJob, root: Path, todo: list[InputFile], summary: Summary, backend: str,
+         threshold: float | None, labels: list[str] | None, address, concurrency, num_gpus,
+         num_cpus) -> float:
+    """Purify ``todo`` on Ray and write the results; returns the driver's write seconds."""
+    refused = [i for i in todo if i.refused]
+    todo = [i for i in todo if not i.refused]
+    with open(job.output_dir / MANIFEST, "a") as mf:
+        if refused:
+            _commit(mf, summary, [image_record(i.rel, error=i.refused, source=i.source)
+                                  for i in refused])
+    if not todo:
+        return 0.0
+    ray = import_ray()
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING)
+    context, ray_log = ray.data.DataContext.get_current(), logging.getLogger("ray.data")
+    bars, level = context.enable_progress_bars, ray_log.level
+    if not log.isEnabledFor(logging.DEBUG):  # our bar and log lines say the same
+        context.enable_progress_bars = False
+        ray_log.setLevel(logging.CRITICAL)  # a failure is re-raised below
+    log.info("purifying %d images from %s with %s on Ray (%s)", len(todo), job.input_dir,
+             job.model, ray.get_runtime_context().gcs_address)
+    try:
+        # Reading bytes is I/O. Were a read to need a CPU, it could wait forever behind
+        # actors that hold every CPU (--actors N on N cores). Decoding runs in the actors.
+        ds = ray.data.read_binary_files([os.path.join(root, i.rel) for i in todo],
+                                        include_paths=True, num_cpus=0)
+        ds = purify_dataset(ds, job.model, job.config, classifier=job.classifier, root=root,
+                            device=job.device, backend=backend,
+                            precision=job.precision, encode_png=True,
+                            max_pixels=job.max_pixels, batch_size=job.batch_size,
+                            concurrency=concurrency, num_gpus=num_gpus, num_cpus=num_cpus)
+        return _write_results(ds, job, root, {i.rel: i for i in todo}, summary, threshold,
+                              labels)
+    except UserError:
+        raise
+    except Exception as exc:
+        user = _user_error(exc)
+        if user is None:
+            raise
+        raise user from None
+    finally:
+        context.enable_progress_bars = bars
+        ray_log.setLevel(level)
+        if started:
+            ray.shutdown()
+
+
+def _commit(mf, summary: Summary, records: list[dict]) -> None:
+    for rec in records:
+        if rec["status"] == "ok":
+            summary.ok += 1
+            summary.flagged += int(rec["flagged"])
+        else:
+            log.error("%s", rec["error"])
+            summary.failed += 1
+    append_records(mf, records)
+
+
+def _write_results(ds, job: FolderJob, root: Path, by_rel: dict[str, InputFile],
+                   summary: Summary, threshold: float | None,
                    labels: list[str] | None) -> float:
-    """Write each output batch's PNGs, then append and fsync its records; returns seconds."""
+    """Write each output batch's PNGs, then append and fsync its records; returns seconds.
+
+    A write that fails for want of space (or any output error but one file's name) stops the
+    run: what is recorded stays, this batch's unrecorded files are removed, a rerun resumes.
+    """
     seconds = 0.0
     with progress(total=summary.total, initial=summary.resumed, desc="purify",
                   unit="img") as bar, open(job.output_dir / MANIFEST, "a") as mf:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             t0 = time.perf_counter()
-            records = []
-            for rec, png in _records(batch, root, job.input_dir, job.config.steps, threshold,
-                                     labels):
-                if rec["status"] == "ok":  # the file is in place before its record
-                    write_atomic(job.output_dir / rec["output"], png)
-                    summary.ok += 1
-                    summary.flagged += int(rec["flagged"])
-                else:
-                    log.error("%s", rec["error"])
-                    summary.failed += 1
-                records.append(rec)
-            append_records(mf, records)
+            records, written = [], []
+            try:
+                for fields, png in _records(batch, root, job.input_dir, job.config.steps,
+                                            threshold, labels, by_rel):
+                    if png:  # the file is in place before its record
+                        path = job.output_dir / fields["output"]
+                        try:
+                            write_atomic(path, png)
+                        except OSError as exc:
+                            if exc.errno not in ONE_FILE_ERRORS:
+                                raise
+                            fields = {"path": fields["path"], "source": fields["source"],
+                                      "error": str(output_error(exc, path))}
+                        else:
+                            written.append(path)
+                            fields["nbytes"] = len(png)
+                    records.append(image_record(**fields))
+                _commit(mf, summary, records)
+            except OSError as exc:
+                for path in written:
+                    path.unlink(missing_ok=True)
+                with contextlib.suppress(OSError):
+                    remove_partial_files(job.output_dir)
+                raise stopped_error(exc, job.output_dir, summary.ok) from None
             seconds += time.perf_counter() - t0
             bar.update(len(batch["status"]))
     return seconds
 
 
 def _records(batch: dict[str, np.ndarray], root: Path, input_dir: Path, steps: int,
-             threshold: float | None, labels: list[str] | None):
-    """The manifest records of an output batch (by ``contract.image_record``) and PNG bytes."""
+             threshold: float | None, labels: list[str] | None, by_rel: dict[str, InputFile]):
+    """Fields of each row's manifest record (for ``contract.image_record``) and PNG bytes."""
     for i, path in enumerate(batch["path"]):
         path = str(path)
-        rel = Path(os.path.relpath(path, root))
+        rel = os.path.relpath(path, root)
+        item = by_rel[rel]
         if batch["status"][i] != "ok":
             # Name the file as purify does: the --input folder as given, not the resolved one.
-            error = str(batch["error"][i]).replace(path, str(input_dir / rel), 1)
-            yield image_record(str(rel), error=error), b""
+            error = str(batch["error"][i]).replace(path, str(item.path), 1)
+            yield {"path": rel, "error": error, "source": item.source}, b""
             continue
         with_labels = "label_before" in batch
-        yield image_record(
-            str(rel), output=str(output_name(rel)), r_before=batch["r_before"][i],
-            r_after=batch["r_after"][i], threshold=threshold,
-            active_steps=batch["active_steps"][i], steps=steps,
-            label_before=batch["label_before"][i] if with_labels else None,
-            label_after=batch["label_after"][i] if with_labels else None,
-            labels=labels), bytes(batch["png"][i])
+        fields = dict(path=rel, output=item.output, r_before=float(batch["r_before"][i]),
+                      r_after=float(batch["r_after"][i]), threshold=threshold,
+                      active_steps=batch["active_steps"][i], steps=steps, source=item.source,
+                      label_before=batch["label_before"][i] if with_labels else None,
+                      label_after=batch["label_after"][i] if with_labels else None,
+                      labels=labels)
+        png = bytes(batch["png"][i])
+        ok = math.isfinite(fields["r_before"]) and math.isfinite(fields["r_after"])
+        yield fields, png if ok else b""
 
 
 _ERROR_LINE = re.compile(r"^(apudae_engine(?:\.\w+)*)\.(\w+): (.+)$", re.MULTILINE)

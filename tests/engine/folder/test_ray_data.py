@@ -229,3 +229,30 @@ def test_purify_ray_command_writes_what_purify_writes(ray_local, tiny_model, ima
     assert summary["resumed"] == 10 and summary["ok"] == 11 and summary["failed"] == 2
     assert all((out / p).stat().st_mtime_ns == t for p, t in before.items())
     assert (out / "b" / "img7.png").read_bytes() == (local / "b" / "img7.png").read_bytes()
+
+
+def test_purify_ray_records_hostile_names_and_respects_the_lock(ray_local, tiny_model,
+                                                                image_folder, tmp_path, capsys):
+    """Issue 12: a name that is not UTF-8 and a link out of the folder each get one error
+    record (Ray cannot read the one, the other is refused); a locked folder is refused."""
+    import os
+
+    from apudae_engine.folder.contract import output_lock
+
+    with open(os.path.join(os.fsencode(image_folder), b"bad\xff.png"), "wb") as f:
+        f.write((image_folder / "a" / "img0.png").read_bytes())
+    (image_folder / "passwd.png").symlink_to("/etc/passwd")
+    out = tmp_path / "ray"
+    args = ["purify-ray", "--input", str(image_folder), "--model", str(tiny_model), "--output",
+            str(out), "--actors", "1", "--classifier", "none"]
+    with output_lock(out):
+        assert main(args) == 2
+        assert f"pid {os.getpid()}" in capsys.readouterr().err
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    recs = read_manifest(out)
+    assert len(recs) == 12
+    assert "not valid UTF-8" in recs[os.fsdecode(b"bad\xff.png")]["error"]
+    assert "symlink outside the input folder" in recs["passwd.png"]["error"]
+    assert sum(r["status"] == "ok" for r in recs.values()) == 10
