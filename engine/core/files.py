@@ -17,7 +17,13 @@ def write_atomic(path: Path, data: bytes) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}{PART_SUFFIX}{os.getpid()}")
+    # The temporary name is capped at 255 bytes (NAME_MAX), so any name that fits fits too.
+    suffix = f"{PART_SUFFIX}{os.getpid()}"
+    stem = os.fsencode(path.name)
+    if len(stem) > 254 - len(suffix):  # keep two long names that share a prefix apart
+        digest = hashlib.sha256(stem).hexdigest()[:8].encode()
+        stem = stem[:245 - len(suffix)] + b"~" + digest
+    tmp = path.with_name(os.fsdecode(b"." + stem) + suffix)
     try:
         with open(tmp, "wb") as f:
             f.write(data)

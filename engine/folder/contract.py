@@ -39,7 +39,7 @@ from typing import IO, Any
 
 from apudae_engine._version import __version__
 from apudae_engine.core.errors import UserError
-from apudae_engine.core.files import write_atomic
+from apudae_engine.core.files import PART_SUFFIX, write_atomic
 
 log = logging.getLogger(__name__)
 MANIFEST, RUN_FILE, SUMMARY, PREVIEW = "manifest.jsonl", "run.json", "summary.json", "preview.png"
@@ -192,7 +192,9 @@ def output_error(exc: OSError, path: Path | str) -> UserError:
               errno.EEXIST: "a part of the path is a file, not a folder",
               errno.EISDIR: "a folder is in the way"}.get(exc.errno)
     reason = reason or (exc.strerror or str(exc))
-    where = exc.filename if exc.filename else path
+    where = exc.filename or path
+    if PART_SUFFIX in os.path.basename(os.fsdecode(where)):  # name the output, not its temporary
+        where = path
     return UserError(f"cannot write the output {where}: {reason}")
 
 

@@ -363,3 +363,13 @@ def test_a_hostile_folder_gives_one_record_per_input_and_no_traceback(tiny_model
     assert failed == {"passwd.png", "loop.png", "empty.png", "trunc.png", "big.png"}
     assert len({r["output"].casefold() for r in recs.values() if "output" in r}) == \
         n_inputs - len(failed)
+
+
+def test_a_name_as_long_as_the_file_system_allows_is_written(tiny_model, image_folder, tmp_path):
+    """The temporary file of an atomic write must fit NAME_MAX whenever the name does."""
+    long = "n" * 251 + ".png"
+    (image_folder / long).write_bytes((image_folder / "a/img0.png").read_bytes())
+    out = tmp_path / "out"
+    assert purify_folder(FolderJob(image_folder, out, model=tiny_model,
+                                   classifier="none")).ok == 11
+    assert (out / long).is_file()
