@@ -26,11 +26,13 @@ def _floats(text: str) -> tuple[float, ...]:
 def _list_attacks() -> int:
     from apudae_engine.evaluation.attacks import attack_class, attack_names
 
-    print(f"{'attack':<12} {'family':<14} {'norm':<5} {'steps':>5}  {'default':<7}  label")
-    for name in attack_names():
+    names = attack_names(defense_aware=False) + attack_names(defense_aware=True)
+    width = max(len(n) for n in names) + 1
+    print(f"{'attack':<{width}} {'family':<14} {'norm':<5} {'steps':>5}  {'default':<7}  label")
+    for name in names:
         c = attack_class(name)
         family = "defense-aware" if c.defense_aware else "oblivious"
-        print(f"{name:<12} {family:<14} {c.norm:<5} {c.default_steps:>5}  "
+        print(f"{name:<{width}} {family:<14} {c.norm:<5} {c.default_steps:>5}  "
               f"{'yes' if c.in_default_run else 'no':<7}  {c.label}")
     return 0
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import threading
 
@@ -45,8 +46,12 @@ def build_app(settings: ServeSettings):
     from starlette.requests import Request
     from starlette.responses import JSONResponse
 
-    @serve.deployment(name="purifier", num_replicas=1, ray_actor_options={"num_cpus": 0},
-                      max_ongoing_requests=1024)
+    # Spinning OpenMP threads starve each other on a few shared cores (10x slower on 2);
+    # `apudae-engine` sets PASSIVE before torch loads, and the replica gets the same.
+    env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+
+    @serve.deployment(name="purifier", num_replicas=1, max_ongoing_requests=1024,
+                      ray_actor_options={"num_cpus": 0, "runtime_env": {"env_vars": env}})
     class PurifierDeployment:
         def __init__(self, settings: ServeSettings) -> None:
             logging.basicConfig(level=logging.INFO)
