@@ -362,6 +362,19 @@ def append_records(manifest: IO[str], records: list[dict]) -> None:
     os.fsync(manifest.fileno())
 
 
+def commit_records(manifest: IO[str], summary: Summary, records: list[dict]) -> None:
+    """Append a batch's records (after its files are in place), then count them in
+    ``summary`` and log the errors; a failed append counts nothing."""
+    append_records(manifest, records)
+    for rec in records:
+        if rec["status"] == "ok":
+            summary.ok += 1
+            summary.flagged += int(rec["flagged"])
+        else:
+            log.error("%s", rec["error"])
+            summary.failed += 1
+
+
 def image_record(path: str, *, error: str | None = None, output: str | None = None,
                  r_before: float = 0.0, r_after: float = 0.0, threshold: float | None = None,
                  active_steps: int = 0, steps: int = 0, label_before: int | None = None,

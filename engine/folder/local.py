@@ -31,8 +31,8 @@ from apudae_engine.folder.contract import (
     ONE_FILE_ERRORS,
     InputFile,
     Summary,
-    append_records,
     check_folders,
+    commit_records,
     discover_inputs,
     finish,
     image_record,
@@ -178,16 +178,9 @@ def _run(job: FolderJob, todo: list[InputFile], summary: Summary, purifier: Puri
                               "source": fields["source"]}
                 else:
                     fields["nbytes"] = written
-            rec = image_record(**fields)
-            if rec["status"] == "ok":
-                summary.ok += 1
-                summary.flagged += int(rec["flagged"])
-            else:
-                log.error("%s", rec["error"])
-                summary.failed += 1
-            records.append(rec)
+            records.append(image_record(**fields))
         summary.stage_seconds["write_wait"] += time.perf_counter() - t0
-        append_records(mf, records)
+        commit_records(mf, summary, records)
         bar.update(n)
         summary.seconds = time.perf_counter() - t_start
         bar.set_postfix(ok=summary.ok, failed=summary.failed,

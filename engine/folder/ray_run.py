@@ -31,8 +31,8 @@ from apudae_engine.folder.contract import (
     ONE_FILE_ERRORS,
     InputFile,
     Summary,
-    append_records,
     check_folders,
+    commit_records,
     discover_inputs,
     finish,
     image_record,
@@ -115,7 +115,7 @@ def _run(job: FolderJob, root: Path, todo: list[InputFile], summary: Summary, ba
     todo = [i for i in todo if not i.refused]
     with open(job.output_dir / MANIFEST, "a") as mf:
         if refused:
-            _commit(mf, summary, [image_record(i.rel, error=i.refused, source=i.source)
+            commit_records(mf, summary, [image_record(i.rel, error=i.refused, source=i.source)
                                   for i in refused])
     if not todo:
         return 0.0
@@ -157,17 +157,6 @@ def _run(job: FolderJob, root: Path, todo: list[InputFile], summary: Summary, ba
             ray.shutdown()
 
 
-def _commit(mf, summary: Summary, records: list[dict]) -> None:
-    for rec in records:
-        if rec["status"] == "ok":
-            summary.ok += 1
-            summary.flagged += int(rec["flagged"])
-        else:
-            log.error("%s", rec["error"])
-            summary.failed += 1
-    append_records(mf, records)
-
-
 def _write_results(ds, job: FolderJob, root: Path, by_rel: dict[str, InputFile],
                    summary: Summary, threshold: float | None,
                    labels: list[str] | None) -> float:
@@ -198,7 +187,7 @@ def _write_results(ds, job: FolderJob, root: Path, by_rel: dict[str, InputFile],
                             written.append(path)
                             fields["nbytes"] = len(png)
                     records.append(image_record(**fields))
-                _commit(mf, summary, records)
+                commit_records(mf, summary, records)
             except OSError as exc:
                 for path in written:
                     path.unlink(missing_ok=True)
