@@ -21,29 +21,25 @@ rerun redoes an image whose output went missing or changed size, and refuses (wi
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import json
 import logging
 import math
 import os
 import re
-import socket
-import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Iterable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from apudae_engine._version import __version__
 from apudae_engine.core.errors import UserError
-from apudae_engine.core.files import PART_SUFFIX, write_atomic
+from apudae_engine.core.files import write_atomic
+from apudae_engine.folder.guard import LOCK_FILE, output_error
 
 log = logging.getLogger(__name__)
 MANIFEST, RUN_FILE, SUMMARY, PREVIEW = "manifest.jsonl", "run.json", "summary.json", "preview.png"
-LOCK_FILE = ".lock"
 _OWN_FILES = {MANIFEST, RUN_FILE, SUMMARY, PREVIEW, LOCK_FILE}
 NOT_FINITE = "purified result holds NaN or Inf (check the model's weights and calibration)"
 
@@ -182,70 +178,6 @@ def source_of(path: Path) -> dict[str, int] | None:
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
-def output_error(exc: OSError, path: Path | str) -> UserError:
-    """One line naming the output path and why it cannot be written."""
-    reason = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exhausted",
-              errno.EFBIG: "the file size limit was reached (ulimit -f)",
-              errno.EROFS: "the file system is read-only",
-              errno.EACCES: "permission denied", errno.EPERM: "permission denied",
-              errno.ENOTDIR: "a part of the path is a file, not a folder",
-              errno.EEXIST: "a part of the path is a file, not a folder",
-              errno.EISDIR: "a folder is in the way"}.get(exc.errno)
-    reason = reason or (exc.strerror or str(exc))
-    where = exc.filename or path
-    if PART_SUFFIX in os.path.basename(os.fsdecode(where)):  # name the output, not its temporary
-        where = path
-    return UserError(f"cannot write the output {where}: {reason}")
-
-
-# Write errors that concern one file's name or place: that image gets an error record and the
-# run goes on. Any other (full disk, size limit, read-only, permissions) stops the run.
-ONE_FILE_ERRORS = (errno.ENAMETOOLONG, errno.EISDIR, errno.ENOTDIR, errno.EEXIST)
-
-
-def stopped_error(exc: OSError, out: Path, recorded: int) -> UserError:
-    """The one line that ends a run the output folder cannot take (disk full, read-only...)."""
-    return UserError(f"{output_error(exc, out)}; stopped cleanly with {recorded} images "
-                     f"recorded in {out / MANIFEST} (this run's partial files removed); fix "
-                     "that and rerun the same command to resume")
-
-
-@contextmanager
-def output_lock(out: Path) -> Iterator[None]:
-    """Hold the output folder's advisory lock (``fcntl.flock`` on OUT/.lock) for a run.
-
-    A second run on the same folder fails at once with a UserError naming the holder's pid,
-    host and start time. The lock is released when the run ends, however it ends.
-    """
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as exc:
-        raise output_error(exc, out) from None
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            try:
-                holder = json.loads(os.pread(fd, 4096, 0) or b"{}")
-            except ValueError:
-                holder = {}
-            raise UserError(
-                f"output folder {out} is in use by another run (pid {holder.get('pid', '?')} "
-                f"on {holder.get('host', '?')}, started {holder.get('started', '?')}); wait for "
-                "it to finish or choose another --output") from None
-        me = {"pid": os.getpid(), "host": socket.gethostname(),
-              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        try:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(me).encode(), 0)
-        except OSError:
-            pass  # the lock holds without the note (a full disk is reported by the run)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
 def prepare_output(out: Path, identity: dict[str, Any], overwrite: bool,
                    planned: dict[str, str], sources: dict[str, dict | None],
                    run: dict[str, Any] | None = None) -> dict[str, dict]:
@@ -298,7 +230,7 @@ def prepare_output(out: Path, identity: dict[str, Any], overwrite: bool,
             size = (out / r["output"]).stat().st_size
         except OSError:
             continue
-        if size == r.get("bytes"):
+        if size == r.get("bytes", size or -1):  # records of older versions have no bytes
             done[p] = r
         else:
             log.warning("%s: recorded output %s has %d bytes, not %s; redoing it", p,

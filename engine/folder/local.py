@@ -28,7 +28,6 @@ from apudae_engine.core.progress import progress
 from apudae_engine.folder.contract import (
     MANIFEST,
     NOT_FINITE,
-    ONE_FILE_ERRORS,
     InputFile,
     Summary,
     check_folders,
@@ -36,15 +35,13 @@ from apudae_engine.folder.contract import (
     discover_inputs,
     finish,
     image_record,
-    output_error,
-    output_lock,
     path_identity,
     prepare_output,
     remove_partial_files,
     resumed_summary,
     run_identity,
-    stopped_error,
 )
+from apudae_engine.folder.guard import ONE_FILE_ERRORS, output_error, output_lock, stopped_error
 from apudae_engine.images.codec import encode_png, to_uint8
 from apudae_engine.images.loaders import BatchData, get_loader
 from apudae_engine.method.checkpoint import load_classifier
@@ -230,7 +227,7 @@ def _stopped(job: FolderJob, exc: OSError, writing: list, summary: Summary) -> U
                 (job.output_dir / fields["output"]).unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         remove_partial_files(job.output_dir)
-    return stopped_error(exc, job.output_dir, summary.ok)
+    return stopped_error(exc, job.output_dir, job.output_dir / MANIFEST, summary.ok)
 
 
 @torch.no_grad()

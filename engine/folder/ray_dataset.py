@@ -28,6 +28,7 @@ inside functions: ``pip install 'apudae-engine[ray]'``.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -80,7 +81,8 @@ class PurifyBatches:
     passed through.
     Output columns: ``image`` uint8 (N, H, W, C) at the model's size (zeros for rows that
     failed), ``status`` ("ok"/"error"), ``error``, ``image_id``, ``r_before``, ``r_after``,
-    ``flagged``, ``active_steps``, ``steps`` and, with a classifier, ``label_before``,
+    ``flagged``, ``active_steps``, ``steps``, ``ran`` (what purified the row, as the actor's
+    ``Purifier.backend_report()`` in JSON) and, with a classifier, ``label_before``,
     ``label_after`` (-1 on error rows), ``class_before``, ``class_after``.
     Error rows: ``bytes`` that cannot be decoded, and results holding NaN or Inf; an ``image``
     of a shape, dtype or range the engine cannot use raises :class:`UserError` naming the row.
@@ -152,6 +154,8 @@ class PurifyBatches:
         out["r_before"], out["r_after"] = r_before, r_after
         out["active_steps"] = active
         out["steps"] = np.full(n, self.purifier.config.steps, np.int64)
+        ran = json.dumps(self.purifier.backend_report(self.device), sort_keys=True)
+        out["ran"] = np.array([ran] * n, dtype=object)
         # The manifest's fields, from the one record builder (error rows keep their defaults).
         records = [image_record(names[i], r_before=r_before[i], threshold=threshold,
                                 label_before=None if self.clf is None else labels_before[i],

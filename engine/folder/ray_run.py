@@ -12,6 +12,7 @@ images; either command resumes the other's folder).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -28,7 +29,6 @@ from apudae_engine.core.files import write_atomic
 from apudae_engine.core.progress import progress
 from apudae_engine.folder.contract import (
     MANIFEST,
-    ONE_FILE_ERRORS,
     InputFile,
     Summary,
     check_folders,
@@ -36,14 +36,12 @@ from apudae_engine.folder.contract import (
     discover_inputs,
     finish,
     image_record,
-    output_error,
-    output_lock,
     prepare_output,
     remove_partial_files,
     resumed_summary,
     run_identity,
-    stopped_error,
 )
+from apudae_engine.folder.guard import ONE_FILE_ERRORS, output_error, output_lock, stopped_error
 from apudae_engine.folder.local import FolderJob, load_job_classifier
 from apudae_engine.folder.ray_dataset import import_ray, purify_dataset
 
@@ -79,9 +77,9 @@ def purify_folder_ray(job: FolderJob, address: str | None = None,
     _, labels, clf_sha = load_job_classifier(job, "cpu") or (None, None, None)
     identity = run_identity(purifier, job.config.to_dict(), job.precision, clf_sha, root)
     backend = backend_for_job(job.backend, job.precision, len(inputs))
-    ran = {"backend": {"requested": job.backend, "backend": backend, "precision": job.precision,
-                       "fallback": None, "where": "ray actors"}, "loader": "ray", "device":
-           job.device}
+    # What the actors ran is known once they have run (the "ran" column); until then, asked.
+    ran = {"backend": {"requested": job.backend, "backend": backend,
+                       "precision": job.precision}, "loader": "ray", "device": job.device}
     with output_lock(job.output_dir):
         done = prepare_output(job.output_dir, identity, job.overwrite,
                               {i.rel: i.output for i in inputs},
@@ -165,7 +163,7 @@ def _write_results(ds, job: FolderJob, root: Path, by_rel: dict[str, InputFile],
     A write that fails for want of space (or any output error but one file's name) stops the
     run: what is recorded stays, this batch's unrecorded files are removed, a rerun resumes.
     """
-    seconds = 0.0
+    seconds, reports = 0.0, set()
     with progress(total=summary.total, initial=summary.resumed, desc="purify",
                   unit="img") as bar, open(job.output_dir / MANIFEST, "a") as mf:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
@@ -193,9 +191,14 @@ def _write_results(ds, job: FolderJob, root: Path, by_rel: dict[str, InputFile],
                     path.unlink(missing_ok=True)
                 with contextlib.suppress(OSError):
                     remove_partial_files(job.output_dir)
-                raise stopped_error(exc, job.output_dir, summary.ok) from None
+                raise stopped_error(exc, job.output_dir, job.output_dir / MANIFEST,
+                                    summary.ok) from None
             seconds += time.perf_counter() - t0
             bar.update(len(batch["status"]))
+            reports.update(batch["ran"])
+    if reports:  # one report, or one per kind of actor (e.g. a fallback on one node)
+        found = [json.loads(r) for r in sorted(reports)]
+        summary.run["backend"] = found[0] if len(found) == 1 else found
     return seconds
 
 

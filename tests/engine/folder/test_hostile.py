@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from apudae_engine.cli import main
-from apudae_engine.folder import contract
+from apudae_engine.folder import contract, guard
 from apudae_engine.folder.local import FolderJob, purify_folder
 
 
@@ -266,7 +266,7 @@ def test_links_out_of_the_input_folder_are_not_followed(tiny_model, image_folder
 def test_a_second_run_on_a_locked_folder_says_who_holds_it(tiny_model, image_folder, tmp_path,
                                                            capsys):
     out = tmp_path / "out"
-    with contract.output_lock(out):
+    with guard.output_lock(out):
         assert run_cli("--input", str(image_folder), "--output", str(out), "--model",
                        str(tiny_model)) == 2
         line = one_line_error(capsys)

@@ -237,7 +237,7 @@ def test_purify_ray_records_hostile_names_and_respects_the_lock(ray_local, tiny_
     record (Ray cannot read the one, the other is refused); a locked folder is refused."""
     import os
 
-    from apudae_engine.folder.contract import output_lock
+    from apudae_engine.folder.guard import output_lock
 
     with open(os.path.join(os.fsencode(image_folder), b"bad\xff.png"), "wb") as f:
         f.write((image_folder / "a" / "img0.png").read_bytes())
@@ -256,3 +256,6 @@ def test_purify_ray_records_hostile_names_and_respects_the_lock(ray_local, tiny_
     assert "not valid UTF-8" in recs[os.fsdecode(b"bad\xff.png")]["error"]
     assert "symlink outside the input folder" in recs["passwd.png"]["error"]
     assert sum(r["status"] == "ok" for r in recs.values()) == 10
+    ran = json.loads((out / "summary.json").read_text())["runs"][-1]["backend"]
+    assert ran == {"requested": "reference", "backend": "reference", "precision": "fp32",
+                   "fallback": None}  # as the actors' purifier reported it
