@@ -31,6 +31,10 @@ ROUTE = "/purify"
 
 
 def _import_serve():
+    # Ray's single-machine mode (its default on macOS and Windows) binds every Ray port to
+    # 127.0.0.1; in cluster mode, Linux's default, a local Ray listens on the node's address.
+    # Read when Ray is first imported, and inherited by its workers.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         import ray
         from ray import serve
@@ -80,11 +84,11 @@ def build_app(settings: ServeSettings):
 
 def start(settings: ServeSettings) -> str:
     """Start a local Ray (loopback only, no dashboard) and Serve; deploy; return the URL.
-    Returns once the replica has loaded and warmed the model."""
+    Returns once the replica has loaded and warmed the model. Ray's own ports stay on
+    127.0.0.1 when Ray is first imported here (see ``_import_serve``)."""
     ray, serve = _import_serve()
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
-                 _node_ip_address="127.0.0.1")
+        ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
     serve.start(http_options={"host": settings.host, "port": settings.port})
     serve.run(build_app(settings), name=APP_NAME, route_prefix=ROUTE)
     url = f"http://{settings.host}:{settings.port}{ROUTE}"
@@ -105,16 +109,17 @@ def stop() -> None:
 def serve_forever(settings: ServeSettings) -> None:
     """``apudae-engine serve``: start, then wait for Ctrl-C or SIGTERM, then stop."""
     done = threading.Event()
-    previous = signal.signal(signal.SIGTERM, lambda *_: done.set())
+    # Both signals stop the server, also where SIGINT was ignored by whoever started it
+    # (a shell's background job).
+    previous = {sig: signal.signal(sig, lambda *_: done.set())
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         url = start(settings)
         print(f"serving at {url}; Ctrl-C to stop", flush=True)
-        try:
-            while not done.wait(0.5):
-                pass
-        except KeyboardInterrupt:
+        while not done.wait(0.5):
             pass
     finally:
         log.info("shutting down")
         stop()
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
