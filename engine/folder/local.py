@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -150,7 +151,8 @@ def _run(job: FolderJob, todo: list[InputFile], summary: Summary, purifier: Puri
          labels, device: torch.device, loader, spot_check: SpotCheck) -> None:
     log.info("purifying %d images from %s with %s (%s, %d steps) on %s", len(todo),
              job.input_dir, job.model, job.config.method, job.config.steps, device)
-    preview: list[tuple[np.ndarray, np.ndarray]] = []
+    preview: list[tuple[np.ndarray, np.ndarray, str]] = []  # input, purified, path
+    notes: dict[str, dict] = {}  # the preview rows' manifest records, annotating the grid
     t_start = time.perf_counter()
     bar = progress(total=summary.total, initial=summary.resumed, desc="purify", unit="img")
     shape = purifier.input_shape
@@ -176,6 +178,10 @@ def _run(job: FolderJob, todo: list[InputFile], summary: Summary, purifier: Puri
                 else:
                     fields["nbytes"] = written
             records.append(image_record(**fields))
+            if len(notes) < len(preview) and any(p == fields["path"] for *_, p in preview):
+                # Printable: a name that is not UTF-8 shows its bytes as escapes.
+                notes[fields["path"]] = {**records[-1], "path": os.fsencode(
+                    fields["path"]).decode("utf-8", "backslashreplace")}
         summary.stage_seconds["write_wait"] += time.perf_counter() - t0
         commit_records(mf, summary, records)
         bar.update(n)
@@ -216,7 +222,7 @@ def _run(job: FolderJob, todo: list[InputFile], summary: Summary, purifier: Puri
     summary.seconds = time.perf_counter() - t_start
     summary.verify = spot_check.records
     summary.run["backend"] = purifier.backend_report(device)  # a failed compile shows here
-    finish(job.output_dir, summary, preview)
+    finish(job.output_dir, summary, [(a, b, notes.get(p)) for a, b, p in preview])
 
 
 def _stopped(job: FolderJob, exc: OSError, writing: list, summary: Summary) -> UserError:
@@ -280,5 +286,5 @@ def _process_batch(batch: list[InputFile], data: BatchData, purifier: Purifier, 
         pending.append((fields, pool.submit(_write_png, job.output_dir / item.output,
                                             arrays[i])))
         if len(preview) < job.preview:
-            preview.append((inputs[i], arrays[i]))
+            preview.append((inputs[i], arrays[i], item.rel))
     return pending

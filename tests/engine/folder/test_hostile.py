@@ -113,7 +113,8 @@ def test_a_name_that_is_not_utf8_is_purified_and_resumed(tiny_model, image_folde
     with open(raw, "wb") as f:
         f.write((image_folder / "a" / "img0.png").read_bytes())
     out = tmp_path / "out"
-    args = ["--input", str(image_folder), "--output", str(out), "--model", str(tiny_model)]
+    args = ["--input", str(image_folder), "--output", str(out), "--model", str(tiny_model),
+            "--preview", "11"]  # the preview names it too
     assert run_cli(*args) == 0
     recs = read_manifest(out)
     name = os.fsdecode(b"caf\xff.png")
