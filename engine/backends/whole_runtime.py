@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from apudae_engine.backends.whole_graph import DEFAULT_ID
+from apudae_engine.backends.whole_graph import default_inputs
 from apudae_engine.core.errors import UserError
 
 RUNTIMES = ("torch", "onnxruntime", "aoti")
@@ -94,10 +94,8 @@ class WholeArtifact:
             c, h, w = self.input_shape
             raise ValueError(f"expected images of shape (N, {c}, {h}, {w}), got "
                              f"{tuple(images.shape)}")
-        n = images.shape[0]
-        ids = (torch.full((n,), DEFAULT_ID, dtype=torch.int64) if image_ids is None
-               else image_ids.to(torch.int64).reshape(n).cpu())
-        s = torch.tensor(DEFAULT_ID if seed is None else int(seed), dtype=torch.int64)
+        inputs = default_inputs(images.detach().cpu().contiguous(),
+                                None if image_ids is None else image_ids.cpu(), seed)
         with torch.no_grad():
-            outs = self._run(images.detach().float().cpu().contiguous(), ids, s)
+            outs = self._run(*inputs)
         return dict(zip(self.output_names, outs))

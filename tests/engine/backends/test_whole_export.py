@@ -75,6 +75,7 @@ def exported(request, calibrated, tmp_path_factory):
     return config, paths
 
 
+@pytest.mark.slow  # two exports of the unrolled loop to ONNX (about a minute each)
 @pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
 def test_whole_graph_matches_reference(calibrated, exported, runtime):
     config, paths = exported
@@ -107,6 +108,7 @@ def test_noise_hash_is_bit_exact_in_onnxruntime(tmp_path):
     assert np.array_equal(got, uniform_noise_ref(2**32 - 3, ids, 7, 300).numpy())
 
 
+@pytest.mark.slow
 def test_sidecar_names_model_calibration_settings_and_signature(calibrated, exported):
     dae, mu, sigma = calibrated
     config, paths = exported
