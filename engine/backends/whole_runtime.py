@@ -2,9 +2,8 @@
 
 ``torch`` loads ``<stem>.pt2`` (``torch.export.load``), ``onnxruntime`` loads ``<stem>.onnx``
 on the CPU, ``aoti`` loads ``<stem>.aoti.pt2`` (an AOTInductor package). All three take the
-graph signature of ``apudae_engine.backends.whole_graph`` and return the same named outputs;
-the tests and ``apudae-engine serve --artifact`` use this, the C++ runner loads the AOTI
-package itself.
+graph signature of ``apudae_engine.backends.whole_graph`` and return the same named outputs
+(the C++ runner loads the AOTI package itself).
 
 Example::
 
