@@ -165,6 +165,7 @@ def export_whole(dae: nn.Module, input_shape: tuple[int, int, int], stem: str | 
     """
     from apudae_engine.backends.whole_graph import INPUT_NAMES, WholePurification
 
+    config = config.with_secret_seed()  # the default seed is baked in and recorded
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     program = whole_program(dae, input_shape, mu, sigma, config, flag_threshold, classifier,

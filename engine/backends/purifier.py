@@ -29,7 +29,9 @@ class Purifier(nn.Module):
     Args:
         dae: the denoising autoencoder (put in eval mode; its parameters are frozen).
         mu, sigma: calibration statistics of the reconstruction error on clean data.
-        config: purification settings (method, steps, noise, seed, ...).
+        config: purification settings (method, steps, noise, seed, ...). Without a seed the
+            module draws a secret one (``config.seed`` then holds it): an attacker who knows
+            the code cannot compute the noise. Give ``PurifyConfig(seed=...)`` to reproduce.
     Shapes: ``forward`` maps (N, C, H, W) float images in [0, 1] to purified images of the
     same shape. When ``x.requires_grad`` and grad mode is on, the whole loop stays on the
     autograd graph, so attacks can differentiate through the defense.
@@ -49,7 +51,10 @@ class Purifier(nn.Module):
             p.requires_grad_(False)
         self.mu = None if mu is None else float(mu)
         self.sigma = None if sigma is None else float(sigma)
-        self.config = config or PurifyConfig()
+        # A config without a seed gets a secret one here (see PurifyConfig.seed); it is kept
+        # for the module's life, so one Purifier purifies an image the same way every time.
+        self.seed_is_secret = config is None or config.seed is None
+        self.config = (config or PurifyConfig()).with_secret_seed()
         self.checkpoint = checkpoint
         if self.config.method == "adaptive" and (self.mu is None or self.sigma is None):
             raise UserError("this DAE has no calibration (mu, sigma); run `apudae-engine "

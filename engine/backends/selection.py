@@ -251,6 +251,7 @@ class OptimizedBackend:
                 log.info("the %s backend optimises the adaptive method; %s runs the reference",
                          self.name, config.method)
             return ReferenceBackend().purify(dae, x, mu, sigma, config, image_ids)
+        config.require_seed()
         if mu is None or sigma is None:
             raise UserError("adaptive purification needs calibration statistics mu and sigma; "
                             "run `apudae-engine calibrate` on the DAE checkpoint")

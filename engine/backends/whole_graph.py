@@ -66,7 +66,7 @@ class WholePurification(nn.Module):
         if mu is None or sigma is None:
             raise ValueError("the whole-loop graph needs the DAE's calibration (mu, sigma)")
         self.step = StepGraph(dae, torch.float32).eval()
-        self.config = config
+        self.config = config.with_secret_seed()  # the artifact's default seed
         self.mu = float(mu)
         self.sigma = float(config.sigma_override or sigma)
         self.flag_threshold = float(flag_threshold)

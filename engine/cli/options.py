@@ -18,7 +18,9 @@ def add_purify_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--noise-eps", type=float, default=0.7 / 255, help="eps_n (default 0.7/255)")
     g.add_argument("--no-noise", action="store_true", help="turn the adaptive noise off "
                    "(deterministic)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None, help="noise seed; default: a secret "
+                   "random seed per run, recorded in the output's run.json and reused when the "
+                   "run resumes (give one for reproducible results)")
     g.add_argument("--compat", action="store_true", help="reproduce the authors' code: sigma "
                    "0.5 and no clipping to [0, 1]")
     flag = g.add_mutually_exclusive_group()

@@ -59,7 +59,8 @@ def register_export(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--lr", type=float, default=None, help="Adam step size (default 2/255)")
     w.add_argument("--noise-eps", type=float, default=0.7 / 255, help="eps_n (default 0.7/255)")
     w.add_argument("--no-noise", action="store_true", help="no adaptive noise (deterministic)")
-    w.add_argument("--seed", type=int, default=0, help="default of the graph's seed input")
+    w.add_argument("--seed", type=int, default=None, help="default of the graph's seed input "
+                   "(default: a secret random seed, recorded in the sidecar)")
     w.add_argument("--compat", action="store_true", help="the authors' code: sigma 0.5, no "
                    "clipping")
     flag = w.add_mutually_exclusive_group()

@@ -37,6 +37,7 @@ from apudae_engine._version import __version__
 from apudae_engine.core.errors import UserError
 from apudae_engine.core.files import write_atomic
 from apudae_engine.folder.guard import LOCK_FILE, output_error
+from apudae_engine.method.config import PurifyConfig
 
 log = logging.getLogger(__name__)
 MANIFEST, RUN_FILE, SUMMARY, PREVIEW = "manifest.jsonl", "run.json", "summary.json", "preview.png"
@@ -154,6 +155,21 @@ def check_folders(input_dir: Path, output_dir: Path) -> None:
         if folder.exists() and not folder.is_dir():
             raise UserError(f"output folder {output_dir}: {folder} is a file, not a folder; "
                             "choose another --output")
+
+
+def run_seed(out: Path, config: PurifyConfig) -> tuple[PurifyConfig, str]:
+    """The config with the run's noise seed, and where it came from: ``given`` by the user,
+    ``recorded`` in the output folder's run.json (a rerun without --seed resumes with it), or
+    a new ``secret`` one (see ``PurifyConfig.seed``)."""
+    if config.seed is not None:
+        return config, "given"
+    try:
+        seed = json.loads((out / RUN_FILE).read_text())["config"]["seed"]
+    except (OSError, ValueError, KeyError, TypeError):
+        seed = None
+    if isinstance(seed, int) and 0 <= seed < 2**32:
+        return config.with_(seed=seed), "recorded"
+    return config.with_secret_seed(), "secret"
 
 
 def run_identity(purifier, config: dict[str, Any], precision: str, classifier_sha256: str | None,

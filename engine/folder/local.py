@@ -41,6 +41,7 @@ from apudae_engine.folder.contract import (
     remove_partial_files,
     resumed_summary,
     run_identity,
+    run_seed,
 )
 from apudae_engine.folder.guard import ONE_FILE_ERRORS, output_error, output_lock, stopped_error
 from apudae_engine.images.codec import encode_png, to_uint8
@@ -126,17 +127,18 @@ def purify_folder(job: FolderJob) -> Summary:
         raise UserError(f"no images (png, jpg, jpeg, bmp, tif, tiff, webp) under {job.input_dir}")
     device = resolve_device(job.device)
     backend = backend_for_job(job.backend, job.precision, len(inputs), device)
-    purifier = Purifier.from_pretrained(job.model, job.config, device, backend=backend,
+    config, seed_source = run_seed(job.output_dir, job.config)
+    purifier = Purifier.from_pretrained(job.model, config, device, backend=backend,
                                         precision=job.precision)
     spot_check = SpotCheck(every=job.verify_every)
     if purifier.input_shape is None:
         raise UserError(f"{job.model}: checkpoint has no input shape")
     clf, labels, clf_sha = load_job_classifier(job, device) or (None, None, None)
-    identity = run_identity(purifier, job.config.to_dict(), job.precision, clf_sha,
+    identity = run_identity(purifier, config.to_dict(), job.precision, clf_sha,
                             job.input_dir)
     with get_loader(job.loader, device, job.workers) as loader, output_lock(job.output_dir):
         ran = {"backend": purifier.backend_report(device), "loader": loader.name,
-               "device": str(device)}
+               "device": str(device), "seed": seed_source}
         done = prepare_output(job.output_dir, identity, job.overwrite,
                               {i.rel: i.output for i in inputs},
                               {i.rel: i.source for i in inputs}, ran)

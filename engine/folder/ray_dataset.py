@@ -277,6 +277,9 @@ def purify_dataset(ds: Dataset, model: str | Path = "fmnist", config: PurifyConf
         compute = ray.data.ActorPoolStrategy(size=concurrency)
     else:
         compute = ray.data.ActorPoolStrategy(min_size=concurrency[0], max_size=concurrency[1])
+    # Settled here, on the driver: actors drawing their own secret seeds would make an
+    # image's result depend on which actor purified it.
+    config = (config or PurifyConfig()).with_secret_seed()
     kwargs = dict(model=model, config=config, device=device, backend=backend,
                   precision=precision, classifier=classifier, root=root, encode_png=encode_png,
                   max_pixels=max_pixels)

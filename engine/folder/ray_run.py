@@ -12,6 +12,7 @@ images; either command resumes the other's folder).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -40,6 +41,7 @@ from apudae_engine.folder.contract import (
     remove_partial_files,
     resumed_summary,
     run_identity,
+    run_seed,
 )
 from apudae_engine.folder.guard import ONE_FILE_ERRORS, output_error, output_lock, stopped_error
 from apudae_engine.folder.local import FolderJob, load_job_classifier
@@ -73,13 +75,17 @@ def purify_folder_ray(job: FolderJob, address: str | None = None,
             item.refused = (f"{item.path}: name is not valid UTF-8, which Ray cannot read; "
                             "rename it or use `apudae-engine purify`")
     # Loaded here only for the run identity (hashes, mu, sigma) and to fail before Ray starts.
+    # The driver settles the noise seed, so every actor purifies with the same one.
+    config, seed_source = run_seed(job.output_dir, job.config)
+    job = dataclasses.replace(job, config=config)
     purifier = Purifier.from_pretrained(job.model, job.config, "cpu")
     _, labels, clf_sha = load_job_classifier(job, "cpu") or (None, None, None)
     identity = run_identity(purifier, job.config.to_dict(), job.precision, clf_sha, root)
     backend = backend_for_job(job.backend, job.precision, len(inputs))
     # What the actors ran is known once they have run (the "ran" column); until then, asked.
     ran = {"backend": {"requested": job.backend, "backend": backend,
-                       "precision": job.precision}, "loader": "ray", "device": job.device}
+                       "precision": job.precision}, "loader": "ray", "device": job.device,
+           "seed": seed_source}
     with output_lock(job.output_dir):
         done = prepare_output(job.output_dir, identity, job.overwrite,
                               {i.rel: i.output for i in inputs},

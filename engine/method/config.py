@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -24,7 +25,11 @@ class PurifyConfig:
         noise: add the adaptive method's per-image noise (off makes it deterministic).
         noise_eps: eps_n, the noise amplitude unit (0.7/255).
         noise_max_scale: upper clip of ((r - mu) / (2 sigma))^2 (4).
-        seed: keys the counter-based noise together with each image's identity.
+        seed: keys the counter-based noise together with each image's identity. None (the
+            default): a secret seed drawn from the operating system's random source when a
+            Purifier, folder run, server or export is set up (``with_secret_seed``), so an
+            attacker who knows the code cannot compute the noise. Give a seed for
+            reproducible runs.
         clip: clamp purified images to [0, 1] (the authors' code does not).
         sigma_override: use this sigma instead of the calibrated one.
         flag_fpr: flag an image as likely adversarial when its error exceeds the threshold
@@ -44,7 +49,7 @@ class PurifyConfig:
     noise: bool = True
     noise_eps: float = 0.7 / 255
     noise_max_scale: float = 4.0
-    seed: int = 0
+    seed: int | None = None
     clip: bool = True
     sigma_override: float | None = None
     flag_fpr: float | None = None
@@ -74,13 +79,24 @@ class PurifyConfig:
             raise ValueError(f"flag_fpr must lie in (0, 1), got {self.flag_fpr}")
         if self.flag_fpr is not None and self.flag_k is not None:
             raise ValueError("give flag_fpr or flag_k, not both")
-        if not 0 <= self.seed < 2**32:
+        if self.seed is not None and not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must lie in [0, 2**32), got {self.seed}")
 
     @classmethod
     def compat(cls, **overrides: Any) -> PurifyConfig:
         """The authors' code behaviour: sigma forced to 0.5 and no clipping to [0, 1]."""
         return cls(**{"sigma_override": COMPAT_SIGMA, "clip": False, **overrides})
+
+    def require_seed(self) -> int:
+        """The seed, or a ValueError when it was never set (the loop needs a concrete one)."""
+        if self.seed is None:
+            raise ValueError("PurifyConfig.seed is None: give a seed, or call "
+                             "config.with_secret_seed() first (Purifier does)")
+        return self.seed
+
+    def with_secret_seed(self) -> PurifyConfig:
+        """This config with a secret random seed in place of None (a given seed is kept)."""
+        return self if self.seed is not None else replace(self, seed=secrets.randbits(32))
 
     def with_(self, **changes: Any) -> PurifyConfig:
         """A copy with some fields changed; a new method brings its own default steps and lr."""

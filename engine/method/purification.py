@@ -135,6 +135,7 @@ def adaptive_purify(
         image_ids: (N,) int64 identities keying the noise; default ``image_fingerprint(x)``.
         differentiable: keep the graph through every step (for attacks); slower.
     """
+    config.require_seed()
     if config.sigma_override is not None:
         sigma = config.sigma_override
     n = x.shape[0]

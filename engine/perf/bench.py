@@ -208,7 +208,7 @@ def run_bench(cases: list[str], backends: list[tuple[str, str]], device: torch.d
     """Time every (case, batch, backend) and return the JSON record (see module doc)."""
     from apudae_engine.backends.selection import unavailable_reason
 
-    config = config or PurifyConfig()
+    config = (config or PurifyConfig()).with_secret_seed()  # one seed for every backend
     allocator = tune_cpu_allocator() if device.type == "cpu" else None
     record: dict[str, Any] = {
         "kind": "apudae-engine bench", "created": datetime.now(timezone.utc).isoformat(

@@ -78,6 +78,7 @@ def verify_backend(dae: nn.Module, images: torch.Tensor, mu: float, sigma: float
     from apudae_engine.method.purification import reconstruction_error
 
     device = torch.device(device)
+    config = config.with_secret_seed()  # the reference and the backend share one seed
     name = resolve_backend(backend, device, precision)
     ref, other = get_backend("reference", device), get_backend(name, device, precision)
     tol = {**TOLERANCES[precision], **(tolerances or {})}

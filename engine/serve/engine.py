@@ -52,6 +52,8 @@ class ServeSettings:
     threads: int | None = None
 
     def __post_init__(self) -> None:
+        # One secret seed for the deployment (unless given), settled before replicas start.
+        object.__setattr__(self, "config", self.config.with_secret_seed())
         if self.max_batch_size < 1:
             raise UserError(f"--max-batch must be at least 1, got {self.max_batch_size}")
         if self.batch_wait_s < 0:

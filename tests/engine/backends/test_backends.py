@@ -135,8 +135,8 @@ def test_tensorrt_backend_matches_reference_on_gpu():
     x = torch.rand(4, 1, 16, 16, device="cuda")
     r = reconstruction_error(dae, x)
     mu, sigma = float(r.median()) + 1e-3, float(r.std())
-    got = get_backend("tensorrt", "cuda").purify(dae, x, mu, sigma, PurifyConfig())
-    want = get_backend("reference", "cuda").purify(dae, x, mu, sigma, PurifyConfig())
+    got = get_backend("tensorrt", "cuda").purify(dae, x, mu, sigma, PurifyConfig(seed=0))
+    want = get_backend("reference", "cuda").purify(dae, x, mu, sigma, PurifyConfig(seed=0))
     assert (got.images - want.images).abs().max() < 4 / 255
 
 
@@ -149,9 +149,11 @@ def test_compiled_backend_matches_reference_on_gpu():
     mu, sigma = float(r.median()) + 1e-3, float(r.std())
     backend = get_backend("compiled", "cuda")
     for _ in range(2):  # the second call replays the captured CUDA graph
-        got = backend.purify(dae, x, mu, sigma, PurifyConfig(), torch.arange(6, device="cuda"))
+        got = backend.purify(dae, x, mu, sigma, PurifyConfig(seed=0),
+                             torch.arange(6, device="cuda"))
     with ieee_fp32_convolutions("cuda"):  # as the engine runs it; cuDNN defaults to TF32
-        want = adaptive_purify(dae, x, mu, sigma, PurifyConfig(), torch.arange(6, device="cuda"))
+        want = adaptive_purify(dae, x, mu, sigma, PurifyConfig(seed=0),
+                               torch.arange(6, device="cuda"))
     torch.testing.assert_close(got.error_before, want.error_before, rtol=1e-4, atol=1e-4)
     assert (got.images - want.images).abs().max() < 4 / 255
 
@@ -180,7 +182,7 @@ def case():
 
 
 def _both(case, x, ids, config=None):
-    config = config or PurifyConfig()
+    config = config or PurifyConfig(seed=0)
     got = get_backend("compiled", "cpu").purify(case["dae"], x, case["mu"], case["sigma"],
                                                 config, ids)
     with torch.no_grad():
@@ -225,9 +227,9 @@ def test_compiled_purification_is_independent_of_the_batch(case, rows):
     ids = 1000 + idx
     backend = get_backend("compiled", "cpu")
     together = backend.purify(case["dae"], case["x"][idx], case["mu"], case["sigma"],
-                              PurifyConfig(), ids)
+                              PurifyConfig(seed=0), ids)
     alone = backend.purify(case["dae"], case["x"][idx[:1]], case["mu"], case["sigma"],
-                           PurifyConfig(), ids[:1])
+                           PurifyConfig(seed=0), ids[:1])
     torch.testing.assert_close(together.images[:1], alone.images, rtol=0, atol=1e-5)
 
 
@@ -236,7 +238,8 @@ def test_compiled_purification_is_independent_of_the_batch(case, rows):
 def test_verify_backend_reports_parity(case):
     from apudae_engine.perf.verify import verify_backend
 
-    rep = verify_backend(case["dae"], case["x"][:8], case["mu"], case["sigma"], PurifyConfig(),
+    rep = verify_backend(case["dae"], case["x"][:8], case["mu"], case["sigma"],
+                         PurifyConfig(seed=0),
                          "compiled", batch_size=4)
     assert rep.passed, rep.failures
     assert rep.max_abs_diff < 1e-4 and rep.images == 8
@@ -244,7 +247,7 @@ def test_verify_backend_reports_parity(case):
 
 @needs_compiler
 def test_other_methods_run_the_reference(case):
-    config = PurifyConfig(method="iterative", steps=2)
+    config = PurifyConfig(seed=0, method="iterative", steps=2)
     got = get_backend("compiled", "cpu").purify(case["dae"], case["x"][:2], None, None, config)
     with torch.no_grad():
         want = get_backend("reference", "cpu").purify(case["dae"], case["x"][:2], None, None,
@@ -312,7 +315,8 @@ def test_verify_fails_a_backend_that_strays_from_the_reference(case, monkeypatch
     monkeypatch.setattr(backends, "_cxx_compiler", lambda: "/usr/bin/g++")
     monkeypatch.setattr(backends, "get_backend",
                         lambda name, *a: Straying() if name == "compiled" else real(name, *a))
-    rep = verify_backend(case["dae"], case["x"][:8], case["mu"], case["sigma"], PurifyConfig(),
+    rep = verify_backend(case["dae"], case["x"][:8], case["mu"], case["sigma"],
+                         PurifyConfig(seed=0),
                          "compiled", batch_size=4)
     assert rep.max_abs_diff == pytest.approx(0.5, abs=1e-6)
     assert rep.mean_abs_diff == pytest.approx(0.5 / (8 * 144), rel=1e-4)
@@ -353,14 +357,14 @@ def test_auto_falls_back_to_the_reference_when_compiling_fails(case, monkeypatch
     backend = backends.OptimizedBackend("compiled", torch.device("cpu"), "fp32", fallback=True)
     x = case["x"][:2]
     with caplog.at_level(logging.WARNING, logger="apudae_engine.backends.selection"):
-        got = backend.purify(case["dae"], x, case["mu"], case["sigma"], PurifyConfig())
+        got = backend.purify(case["dae"], x, case["mu"], case["sigma"], PurifyConfig(seed=0))
     assert "Python.h not found" in caplog.text
     want = get_backend("reference").purify(case["dae"], x, case["mu"], case["sigma"],
-                                           PurifyConfig())
+                                           PurifyConfig(seed=0))
     assert torch.equal(got.images, want.images)
     explicit = backends.OptimizedBackend("compiled", torch.device("cpu"), "fp32")
     with pytest.raises(RuntimeError, match="Python.h"):
-        explicit.purify(case["dae"], x, case["mu"], case["sigma"], PurifyConfig())
+        explicit.purify(case["dae"], x, case["mu"], case["sigma"], PurifyConfig(seed=0))
 
 
 @pytest.mark.slow
@@ -455,7 +459,7 @@ class _FakeCudaGraphs:
             return y.flatten(1).sum(1), torch.ones_like(y)
 
         return FixedShapeLoop(step, torch.Size((2, 1, 4, 4)), torch.device("cpu"), 1.0, 1.0,
-                              PurifyConfig(steps=2), capture=True)
+                              PurifyConfig(seed=0, steps=2), capture=True)
 
 
 @pytest.fixture()
@@ -503,7 +507,7 @@ def test_fp32_means_ieee_convolutions_on_gpus():
     backend._purify = lambda *args: seen.append(conv_fp32_precision())
     try:
         conv.fp32_precision = "tf32"
-        backend.purify(None, None, 1.0, 1.0, PurifyConfig())
+        backend.purify(None, None, 1.0, 1.0, PurifyConfig(seed=0))
         assert seen == ["ieee"] and conv.fp32_precision == "tf32"
     finally:
         conv.fp32_precision = before

@@ -11,7 +11,7 @@ from apudae_engine import Purifier, PurifyConfig
 
 @pytest.fixture(scope="module")
 def purifier():
-    return Purifier.from_pretrained("fmnist", PurifyConfig(steps=2))
+    return Purifier.from_pretrained("fmnist", PurifyConfig(seed=0, steps=2))
 
 
 def _images(n=3):

@@ -18,6 +18,7 @@ from PIL import Image
 from apudae_engine.cli import main
 from apudae_engine.folder import contract, guard
 from apudae_engine.folder.local import FolderJob, purify_folder
+from apudae_engine.method.config import PurifyConfig
 
 
 def run_cli(*args: str) -> int:
@@ -323,8 +324,11 @@ def test_16_bit_and_palette_inputs_do_not_depend_on_the_batch(tiny_model, image_
         one = torch.cat([loader.load_batch([f], (1, 28, 28), 10**6).images for f in files])
     assert torch.equal(whole, one)  # decoding is per file: bit-identical whatever the batch
     a, b = tmp_path / "a", tmp_path / "b"
-    purify_folder(FolderJob(image_folder, a, batch_size=1, model=tiny_model, classifier="none"))
-    purify_folder(FolderJob(image_folder, b, batch_size=17, model=tiny_model, classifier="none"))
+    seed = PurifyConfig(seed=0)
+    purify_folder(FolderJob(image_folder, a, batch_size=1, model=tiny_model, classifier="none",
+                            config=seed))
+    purify_folder(FolderJob(image_folder, b, batch_size=17, model=tiny_model, classifier="none",
+                            config=seed))
     ra, rb = read_manifest(a), read_manifest(b)
     for path in ra:  # the README's bound: r to 1e-5, 8-bit outputs within one level
         assert ra[path]["r_before"] == pytest.approx(rb[path]["r_before"], abs=1e-5)

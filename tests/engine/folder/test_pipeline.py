@@ -18,6 +18,9 @@ from synthetic import make_digits
 from apudae_engine.backends.purifier import Purifier
 from apudae_engine.cli import main
 from apudae_engine.folder.local import FolderJob, path_identity, purify_folder
+from apudae_engine.method.config import PurifyConfig
+
+SEED0 = PurifyConfig(seed=0)
 
 
 def run_cli(*args: str) -> int:
@@ -50,8 +53,11 @@ def test_purify_writes_pngs_manifest_summary_and_preview(tiny_model, image_folde
         assert {"r_before", "r_after", "flagged", "active_steps", "label_before",
                 "label_after"} <= set(r)
         assert r["steps"] == 13
-    # The PNGs are the reference purifier's output, its noise keyed by the relative path.
-    purifier = Purifier.from_pretrained(tiny_model)
+    # The PNGs are the reference purifier's output, its noise keyed by the relative path and
+    # the run's secret seed, which run.json records.
+    run = json.loads((out / "run.json").read_text())
+    assert isinstance(run["config"]["seed"], int) and run["ran"]["seed"] == "secret"
+    purifier = Purifier.from_pretrained(tiny_model, PurifyConfig(seed=run["config"]["seed"]))
     x = torch.stack([torch.from_numpy(np.array(Image.open(image_folder / r["path"])))[None]
                      for r in recs]).float() / 255
     ids = torch.tensor([path_identity(r["path"]) for r in recs])
@@ -137,16 +143,18 @@ def test_existing_output_needs_overwrite(tiny_model, image_folder, tmp_path, cap
 
 def test_rerun_resumes_and_matches_uninterrupted_run(tiny_model, image_folder, tmp_path):
     full = tmp_path / "full"
-    assert purify_folder(FolderJob(image_folder, full, batch_size=4, model=tiny_model)).ok == 10
+    assert purify_folder(FolderJob(image_folder, full, batch_size=4, model=tiny_model,
+                                   config=SEED0)).ok == 10
     # Simulate a kill after the first batch: drop later records and outputs.
     part = tmp_path / "part"
-    purify_folder(FolderJob(image_folder, part, batch_size=4, model=tiny_model))
+    purify_folder(FolderJob(image_folder, part, batch_size=4, model=tiny_model, config=SEED0))
     recs = (part / "manifest.jsonl").read_text().splitlines()
     (part / "manifest.jsonl").write_text("\n".join(recs[:4]) + "\n" + recs[4][:10])  # torn line
     for r in recs[4:]:
         (part / json.loads(r)["output"]).unlink()
     stale = part / "b" / ".img9.png.part4242"  # a kill in the middle of a write
     stale.write_bytes(b"half a png")
+    # No seed given: the rerun resumes with the one run.json recorded.
     s = purify_folder(FolderJob(image_folder, part, batch_size=3, model=tiny_model))
     assert s.resumed == 4 and s.ok == 10
     assert not stale.exists()
@@ -156,8 +164,8 @@ def test_rerun_resumes_and_matches_uninterrupted_run(tiny_model, image_folder, t
 
 def test_batch_size_does_not_change_outputs(tiny_model, image_folder, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    purify_folder(FolderJob(image_folder, a, batch_size=10, model=tiny_model))
-    purify_folder(FolderJob(image_folder, b, batch_size=1, model=tiny_model))
+    purify_folder(FolderJob(image_folder, a, batch_size=10, model=tiny_model, config=SEED0))
+    purify_folder(FolderJob(image_folder, b, batch_size=1, model=tiny_model, config=SEED0))
     ta, tb = tree_bytes(a), tree_bytes(b)
     assert ta.keys() == tb.keys()
     for k in ta:  # 8-bit outputs: batched convolutions may move a value across a rounding edge
@@ -172,7 +180,7 @@ def test_kill_and_resume_subprocess(tiny_model, tmp_path):
     for i, arr in enumerate(make_digits(60, seed=5)):
         Image.fromarray(arr, "L").save(inp / f"{i:03d}.png")
     cmd = [sys.executable, "-m", "apudae_engine.cli", "purify", "--input", str(inp),
-           "--model", str(tiny_model), "--batch", "4", "--classifier", "none"]
+           "--model", str(tiny_model), "--batch", "4", "--classifier", "none", "--seed", "0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "APUDAE_PROGRESS": "0"}
     killed = tmp_path / "killed"
     proc = subprocess.Popen([*cmd, "--output", str(killed)], env=env,

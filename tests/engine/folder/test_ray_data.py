@@ -21,6 +21,7 @@ from apudae_engine.cli import main
 from apudae_engine.core.errors import UserError
 from apudae_engine.folder.local import FolderJob, path_identity, purify_folder
 from apudae_engine.folder.ray_dataset import PurifyBatches
+from apudae_engine.method.config import PurifyConfig
 
 # The adaptive noise only shows on images whose error is off the calibration; these are.
 NOISY = np.clip(make_digits(6, seed=3).astype(int) + np.random.default_rng(0).integers(
@@ -53,7 +54,8 @@ def fn(tiny_model) -> PurifyBatches:
 @pytest.fixture
 def local_run(tiny_model, image_folder, tmp_path) -> Path:
     out = tmp_path / "local"
-    assert purify_folder(FolderJob(image_folder, out, batch_size=4, model=tiny_model)).ok == 10
+    assert purify_folder(FolderJob(image_folder, out, batch_size=4, model=tiny_model,
+                                   config=PurifyConfig(seed=0))).ok == 10
     return out
 
 
@@ -61,7 +63,7 @@ def local_run(tiny_model, image_folder, tmp_path) -> Path:
 
 
 def test_batches_equal_purify_folder_whatever_the_split(tiny_model, image_folder, local_run):
-    fn = PurifyBatches(tiny_model, root=image_folder)
+    fn = PurifyBatches(tiny_model, PurifyConfig(seed=0), root=image_folder)
     files = paths_of(image_folder)
     images = np.stack([read_png(f) for f in files])  # (N, H, W) uint8
     paths = np.array([str(f) for f in files], dtype=object)
@@ -178,7 +180,8 @@ def test_dataset_results_do_not_depend_on_ray_batches(ray_local, tiny_model, ima
     expected = png_arrays(local_run)
     for size in (3, 7):
         ds = ray_local.data.read_images(str(image_folder), include_paths=True)
-        rows = purify_dataset(ds, tiny_model, root=image_folder, batch_size=size,
+        rows = purify_dataset(ds, tiny_model, PurifyConfig(seed=0), root=image_folder,
+                              batch_size=size,
                               concurrency=1).take_all()
         got = {str(Path(r["path"]).relative_to(image_folder)): r for r in rows}
         assert sorted(got) == sorted(expected)
@@ -205,7 +208,8 @@ def test_purify_ray_command_writes_what_purify_writes(ray_local, tiny_model, ima
     (image_folder / "text.jpg").write_bytes(b"this is not a jpeg")
     Image.new("RGBA", (30, 30), (255, 0, 0, 128)).save(image_folder / "rgba.png")
     local, out = tmp_path / "local", tmp_path / "ray"
-    args = ["--input", str(image_folder), "--model", str(tiny_model), "--batch", "4"]
+    args = ["--input", str(image_folder), "--model", str(tiny_model), "--batch", "4",
+            "--seed", "0"]
     assert main(["purify", *args, "--output", str(local)]) == 1
     assert main(["purify-ray", *args, "--output", str(out), "--actors", "1"]) == 1
     want, got = read_manifest(local), read_manifest(out)

@@ -15,6 +15,7 @@ import apudae_engine.images.loaders as loaders
 from apudae_engine.core.errors import BackendUnavailable, UserError
 from apudae_engine.images.codec import ImageError, load_image
 from apudae_engine.images.loaders import BatchData, get_loader
+from apudae_engine.method.config import PurifyConfig
 
 CPU = torch.device("cpu")
 LIMIT = 64_000_000
@@ -190,7 +191,7 @@ def test_purify_folder_writes_the_same_files_with_dali(dali, tiny_model, image_f
     for name in ("cpu", "dali"):
         out = tmp_path / name
         summary = purify_folder(FolderJob(image_folder, out, batch_size=4, model=tiny_model,
-                                          loader=name))
+                                          loader=name, config=PurifyConfig(seed=0)))
         assert (summary.ok, summary.failed) == (11, 4)
         manifest = (out / "manifest.jsonl").read_text().splitlines()
         files = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*.png"))}

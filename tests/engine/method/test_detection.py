@@ -47,14 +47,14 @@ def test_bundled_model_flags_at_five_percent_by_default():
     assert purifier.flag_threshold() == pytest.approx(cal["fpr_thresholds"]["0.05"])
     # Above mu + sigma, below the old mu + 3 sigma rule, which flagged about 1.5 % of clean data.
     assert cal["mu"] + cal["sigma"] < purifier.flag_threshold() < cal["mu"] + 3 * cal["sigma"]
-    stricter = Purifier.from_pretrained("fmnist", PurifyConfig(flag_fpr=0.01))
+    stricter = Purifier.from_pretrained("fmnist", PurifyConfig(seed=0, flag_fpr=0.01))
     assert stricter.flag_threshold() == pytest.approx(cal["fpr_thresholds"]["0.01"])
-    legacy = Purifier.from_pretrained("fmnist", PurifyConfig(flag_k=3.0))
+    legacy = Purifier.from_pretrained("fmnist", PurifyConfig(seed=0, flag_k=3.0))
     assert legacy.flag_threshold() == pytest.approx(cal["mu"] + 3 * cal["sigma"])
 
 
 def test_config_refuses_both_rules_and_bad_rates():
     with pytest.raises(ValueError, match="not both"):
-        PurifyConfig(flag_fpr=0.05, flag_k=3.0)
+        PurifyConfig(seed=0, flag_fpr=0.05, flag_k=3.0)
     with pytest.raises(ValueError, match="flag_fpr"):
-        PurifyConfig(flag_fpr=1.5)
+        PurifyConfig(seed=0, flag_fpr=1.5)

@@ -23,10 +23,12 @@ from PIL import Image
 from synthetic import make_digits
 
 from apudae_engine.backends.purifier import Purifier
+from apudae_engine.method.config import PurifyConfig
 from apudae_engine.serve.engine import ServeSettings, ServingEngine
 from apudae_engine.serve.requests import RequestError, parse_request
 
 SHAPE = (1, 28, 28)
+SEED0 = PurifyConfig(seed=0)
 
 
 def _png(arr: np.ndarray) -> bytes:
@@ -101,12 +103,12 @@ def test_settings_refuse_a_public_host():
 def test_engine_equals_purifier_and_classifier(tiny_model):
     from apudae_engine.method.checkpoint import load_classifier
 
-    engine = ServingEngine(ServeSettings(model=str(tiny_model)))
+    engine = ServingEngine(ServeSettings(model=str(tiny_model), config=SEED0))
     digits = list(make_digits(3, seed=4))
     items = parse_request(json.dumps({"images": [_b64(_png(d)) for d in digits],
                                       "ids": [1, 2, 3]}).encode(), "application/json", SHAPE)
     got = engine.purify_items(items)
-    ref, expected = _expected(Purifier.from_pretrained(tiny_model), digits, [1, 2, 3])
+    ref, expected = _expected(Purifier.from_pretrained(tiny_model, SEED0), digits, [1, 2, 3])
     clf = load_classifier(str(tiny_model)).model
     labels = clf(ref.images).argmax(1).tolist()
     for i, res in enumerate(got):
@@ -171,7 +173,7 @@ def test_serve_command_on_local_ray(tiny_model, tmp_path):
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     server = subprocess.Popen(
         [sys.executable, "-m", "apudae_engine", "serve", "--model", str(tiny_model), "--port",
-         str(port), "--max-batch", "8", "--batch-wait", "0.05"],
+         str(port), "--max-batch", "8", "--batch-wait", "0.05", "--seed", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
         start_new_session=True, cwd=tmp_path)
     children: set[int] = set()
@@ -213,7 +215,7 @@ def test_serve_command_on_local_ray(tiny_model, tmp_path):
         with ThreadPoolExecutor(3) as pool:
             answers = list(pool.map(lambda r: _post(url, *r), requests))
         assert [status for status, _ in answers] == [200, 200, 200]
-        purifier = Purifier.from_pretrained(tiny_model)
+        purifier = Purifier.from_pretrained(tiny_model, SEED0)  # the server ran --seed 0
         _, exp0 = _expected(purifier, digits[:1])
         _, exp1 = _expected(purifier, digits[1:4], [11, 12, 13])
         ref2, _ = _expected(purifier, digits[4:])
