@@ -1,4 +1,4 @@
-"""Purification settings: one validated dataclass holding every hyper-parameter of METHOD.md."""
+"""Purification settings: one validated dataclass holding every hyper-parameter of the method."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 METHODS = ("adaptive", "iterative", "direct")
-# Defaults from the authors' code (METHOD.md): adaptive T=13, lr=2/255; iterative N=12, lr=1/255.
+# Defaults from the authors' code (docs/method.md): adaptive T=13, lr=2/255; iterative 12, 1/255.
 _METHOD_DEFAULTS = {"adaptive": (13, 2.0 / 255), "iterative": (12, 1.0 / 255), "direct": (0, 0.0)}
 COMPAT_SIGMA = 0.5  # the value the authors' code silently overwrites the calibrated sigma with
 

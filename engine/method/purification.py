@@ -1,6 +1,6 @@
 """The reference purifiers: eager PyTorch with autograd. This module is the specification.
 
-Three methods from METHOD.md: ``direct`` (x' = D(x)), ``iterative`` (Adam on the summed
+Three methods from docs/method.md: ``direct`` (x' = D(x)), ``iterative`` (Adam on the summed
 reconstruction error) and ``adaptive`` (APuDAE: hinge loss against calibrated mu/sigma, with
 per-image noise scaled by how abnormal the error is). Every optimized backend is tested against
 these functions.

@@ -2,7 +2,7 @@
 
 The statistics are taken over every image of the calibration split, with no outlier
 replacement (the authors' code replaced errors above 20 by 3 and used the test images
-themselves; METHOD.md defect 2). The ``calib`` split of every dataset is disjoint from both
+themselves; docs/method.md defect 2). The ``calib`` split of every dataset is disjoint from both
 the training and the evaluation split.
 """
 

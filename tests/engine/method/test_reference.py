@@ -1,4 +1,4 @@
-"""The reference purifiers follow METHOD.md: batch independence, determinism, hinge, Adam parity."""
+"""The reference purifiers follow docs/method.md: batch independence, determinism, hinge, Adam."""
 
 from __future__ import annotations
 
