@@ -122,8 +122,8 @@ def unavailable_reason(name: str, device: str | torch.device = "cpu",
         if device.type != "cuda" or not torch.cuda.is_available():
             return "the tensorrt backend needs an NVIDIA GPU; use --device cuda on a GPU machine"
         if importlib.util.find_spec("torch_tensorrt") is None:
-            return ("torch_tensorrt is not installed; pip install 'apudae-engine[tensorrt]' "
-                    "or use --backend compiled")
+            return (f"torch_tensorrt is not installed; install the torch-tensorrt release "
+                    f"built for your torch {torch.__version__}, or use --backend compiled")
         return None
     return f"unknown backend {name!r}; choose one of {', '.join(CHOICES)}"
 

@@ -7,7 +7,7 @@ model's hash, the GPU, the precision, the input shape, the batch range and the v
 torch, torch-tensorrt and TensorRT: ``$APUDAE_TRT_CACHE`` or ``~/.cache/apudae-engine/tensorrt``.
 
 torch_tensorrt is imported only here, when the backend is first used; install it with
-``pip install 'apudae-engine[tensorrt]'``.
+the torch-tensorrt release built for the installed torch (an unmatched one replaces torch).
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ def _import_trt():
     try:
         import torch_tensorrt
     except ImportError:
-        raise BackendUnavailable("backend 'tensorrt' needs torch_tensorrt; pip install "
-                                 "'apudae-engine[tensorrt]' or use --backend compiled") from None
+        raise BackendUnavailable(f"backend 'tensorrt' needs torch_tensorrt; install the "
+                                 f"torch-tensorrt release built for your torch "
+                                 f"{torch.__version__}, or use --backend compiled") from None
     return torch_tensorrt
 
 

@@ -351,8 +351,8 @@ def loader_unavailable_reason(name: str, device: torch.device) -> str | None:
         try:
             from torchvision.io import decode_jpeg  # noqa: F401
         except ImportError:
-            return ("torchvision is not installed; pip install 'apudae-engine[nvjpeg]' "
-                    "(a torchvision built for your torch)")
+            return (f"torchvision is not installed; install the torchvision release built for "
+                    f"your torch {torch.__version__} (an unmatched one replaces torch)")
     return None
 
 

@@ -109,12 +109,12 @@ def test_unavailable_choices_raise_one_sentence(name, device, precision, message
     assert "\n" not in str(info.value)
 
 
-def test_tensorrt_missing_names_the_extra(monkeypatch):
+def test_tensorrt_missing_names_the_torch_to_match(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(backends.importlib.util, "find_spec",
                         lambda name: None if name == "torch_tensorrt" else object())
     reason = unavailable_reason("tensorrt", "cuda")
-    assert "apudae-engine[tensorrt]" in reason
+    assert f"torch-tensorrt release built for your torch {torch.__version__}" in reason
 
 
 def test_importing_the_module_chooses_and_imports_nothing_heavy():
