@@ -91,7 +91,7 @@ env_info() {
 import importlib, json, torch
 from apudae_engine.core.host import gpu_info
 info = {"torch": torch.__version__, "cuda_available": torch.cuda.is_available(), **gpu_info()}
-for mod in ("triton", "torchvision", "onnxruntime", "torchattacks", "nvidia.dali",
+for mod in ("triton", "torchvision", "onnxruntime", "art", "nvidia.dali",
             "torch_tensorrt", "pytest_benchmark", "hypothesis"):
     try:
         info[mod] = getattr(importlib.import_module(mod), "__version__", "present")
