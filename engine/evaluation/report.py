@@ -170,7 +170,8 @@ def markdown(results: dict[str, Any]) -> str:
            f"{s['dae']['sha256'][:12]}), classifier `{_short(s['classifier']['path'])}` (sha256 "
            f"{s['classifier']['sha256'][:12]}).  ",
            f"Calibration: mu = {cal['mu']:.4f}, sigma = {cal['sigma']:.4f} on {cal['data']}; "
-           f"flag threshold mu + k sigma = {cal['flag_threshold']:.4f}.  ",
+           f"flag threshold {cal['flag_threshold']:.4f} "
+           f"({cal.get('flag_rule', 'mu + k sigma')}).  ",
            f"Threat model: L∞ eps = {s['eps_linf']:.4g}, L2 eps = {s['eps_l2']:.4g} (PGD-L2, "
            "C&W-L2, DeepFool; the minimal-norm C&W and DeepFool results are projected onto the "
            "L2 ball). Uniform noise is ±L∞ eps. Seed "
@@ -178,8 +179,9 @@ def markdown(results: dict[str, Any]) -> str:
            "Cells are top-1 accuracy (%) over all images (misclassified clean images count as "
            "errors). *AUC of r(x)*: ROC-AUC of the reconstruction error before purification, "
            "clean versus that row's images (0.5 = no signal). *flagged*: share of that row's "
-           "images with r > mu + k sigma. *adaptive (compat)* runs the authors' code settings "
-           "(sigma forced to 0.5, no clipping to [0, 1]).", ""]
+           "images with r above the flag threshold: the detector's true-positive rate on attack "
+           "rows, its false-positive rate on the clean row. *adaptive (compat)* runs the "
+           "authors' code settings (sigma forced to 0.5, no clipping to [0, 1]).", ""]
     out += [f"## Oblivious attacks (crafted on the bare classifier), n = {s['n']}", ""]
     out += _accuracy_table(results["oblivious"], defenses) + [""]
     if "defense_aware" in results:

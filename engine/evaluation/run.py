@@ -317,9 +317,20 @@ class Evaluator:
                            "sha256": self.classifier_ckpt.weights_sha256},
             "calibration": {"mu": self.base.mu, "sigma": self.base.sigma,
                             "data": (self.base.checkpoint.calibration or {}).get("data"),
-                            "flag_threshold": self.base.flag_threshold()},
+                            "flag_threshold": self.base.flag_threshold(),
+                            "flag_rule": flag_rule(self.base)},
             "hardware": _hardware(self.device),
         }
+
+
+def flag_rule(purifier: Purifier) -> str:
+    """How the flag threshold was set, for the report (``method.detection``)."""
+    c, cal = purifier.config, purifier.checkpoint.calibration or {}
+    if c.flag_k is not None or not cal.get("fpr_thresholds"):
+        k = 3.0 if c.flag_k is None else c.flag_k
+        return f"mu + {k:g} sigma"
+    fpr = c.flag_fpr if c.flag_fpr is not None else cal.get("flag_fpr", 0.05)
+    return f"{100 * fpr:g} % false positives on the clean calibration split"
 
 
 def _hardware(device: torch.device) -> dict[str, Any]:
