@@ -25,7 +25,7 @@ from apudae_engine.perf.bench import CASES, hardware, load_case, step_flops, tun
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 HEAVY = os.environ.get("APUDAE_BENCH_HEAVY") == "1"
-CONFIG = PurifyConfig()
+CONFIG = PurifyConfig(seed=0)
 SMALL = [("fmnist", 64)]
 BIG = [("fmnist", 512), ("rednet30-32", 64 if DEVICE.type == "cpu" else 512)]
 if DEVICE.type == "cuda":

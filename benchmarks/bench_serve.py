@@ -152,7 +152,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     finally:
         stop()
-    purifier = Purifier.from_pretrained(a.model, PurifyConfig())
+    purifier = Purifier.from_pretrained(a.model, PurifyConfig(seed=0))
     ceiling = {k: inprocess_rate(purifier, images, k, 10) for k in (1, 8, 32)}
     record = {"benchmark": "serve", "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "command": "python benchmarks/bench_serve.py " + " ".join(

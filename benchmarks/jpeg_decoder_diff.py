@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from apudae_engine.core.host import resolve_device
-from apudae_engine.images.loaders import _unavailable, get_loader
+from apudae_engine.images.loaders import get_loader, loader_unavailable_reason
 from apudae_engine.perf.bench_e2e import machine, smooth_images
 
 
@@ -52,7 +52,7 @@ def main() -> int:
         files = make_set(Path(tmp))
         cpu = get_loader("cpu", "cpu")
         for name in a.loaders:
-            reason = _unavailable(name, device)
+            reason = loader_unavailable_reason(name, device)
             if reason:
                 print(f"{name}: skipped ({reason})")
                 continue

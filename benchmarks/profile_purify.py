@@ -103,7 +103,7 @@ def main() -> None:
     device = torch.device(a.device)
     allocator = tune_cpu_allocator() if device.type == "cpu" else None
     dae, mu, sigma, x, data = load_case(CASES[a.case], a.batch, device)
-    config = PurifyConfig()
+    config = PurifyConfig(seed=0)
     backend = get_backend(a.backend, device, a.precision)
     ids = torch.arange(a.batch, device=device)
     backend.purify(dae, x, mu, sigma, config, ids)  # warm-up (compiles)

@@ -186,10 +186,11 @@ def _run(job: FolderJob, todo: list[InputFile], summary: Summary, purifier: Puri
                     fields["path"]).decode("utf-8", "backslashreplace")}
         summary.stage_seconds["write_wait"] += time.perf_counter() - t0
         commit_records(mf, summary, records)
-        bar.update(n)
         summary.seconds = time.perf_counter() - t_start
-        bar.set_postfix(ok=summary.ok, failed=summary.failed,
-                        ips=f"{summary.images_per_second:.0f}/s")
+        # The counters describe what is committed, the same images the count shows; the bar
+        # or log line gives the one rate.
+        bar.set_postfix(ok=summary.ok, failed=summary.failed, flagged=summary.flagged)
+        bar.update(n)
 
     writing: list = []
     try:

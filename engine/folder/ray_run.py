@@ -200,6 +200,7 @@ def _write_results(ds, job: FolderJob, root: Path, by_rel: dict[str, InputFile],
                 raise stopped_error(exc, job.output_dir, job.output_dir / MANIFEST,
                                     summary.ok) from None
             seconds += time.perf_counter() - t0
+            bar.set_postfix(ok=summary.ok, failed=summary.failed, flagged=summary.flagged)
             bar.update(len(batch["status"]))
             reports.update(batch["ran"])
     if reports:  # one report, or one per kind of actor (e.g. a fallback on one node)

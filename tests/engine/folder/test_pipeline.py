@@ -224,3 +224,17 @@ def test_auto_runs_the_reference_on_small_jobs(tiny_model, image_folder, tmp_pat
     purify_folder(FolderJob(image_folder, tmp_path / "b", model=tiny_model, device="cpu",
                             backend="auto", precision="fp32"))
     assert made[1] == "auto"
+
+
+def test_progress_lines_count_what_is_committed(tiny_model, image_folder, tmp_path, caplog,
+                                                monkeypatch):
+    """In a log (no terminal), one line per batch; its counters match the count it shows."""
+    monkeypatch.delenv("APUDAE_PROGRESS", raising=False)
+    with caplog.at_level("INFO", logger="apudae_engine.progress"):
+        purify_folder(FolderJob(image_folder, tmp_path / "o", batch_size=4, model=tiny_model,
+                                config=SEED0))
+    lines = [r.getMessage() for r in caplog.records if r.name == "apudae_engine.progress"]
+    assert [line.split(",")[0] for line in lines] == [
+        "purify: 4/10 (40 %)", "purify: 8/10 (80 %)", "purify: 10/10 (100 %)"]
+    for line, done in zip(lines, (4, 8, 10)):
+        assert f"ok {done}, failed 0, flagged " in line and line.count("/s") == 1
