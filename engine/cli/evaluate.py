@@ -54,7 +54,8 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
         kw["defenses"] = tuple(t.strip() for t in a.defenses.split(",") if t.strip())
     config = EvalConfig(
         model=a.model, classifier=a.classifier, dataset=a.dataset, data_dir=a.data_dir,
-        split=a.split, limit=a.limit, aware_limit=a.aware_limit, aware_target=a.aware_target,
+        split=a.split, limit=a.limit, offset=a.offset, aware_limit=a.aware_limit,
+        aware_target=a.aware_target,
         eps=a.eps, eps_l2=a.eps_l2, sweep=a.sweep, sweep_limit=a.sweep_limit, steps=a.steps,
         aware_steps=a.aware_steps, eot=a.eot, draws=a.draws, restarts=a.restarts,
         square_queries=a.square_queries,
@@ -80,6 +81,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "folder:PATH")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--split", default="test", choices=("test", "train"))
+    p.add_argument("--offset", type=int, default=0, help="skip the split's first N images "
+                   "(a multiple of the batch sizes), to split a long run into parts; each "
+                   "image gets the seeds a single run would give it")
     p.add_argument("--limit", type=int, default=None, help="first N images (default: all; "
                    "32 with --quick)")
     p.add_argument("--out", default="runs/eval", help="output folder (default runs/eval)")

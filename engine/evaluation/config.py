@@ -38,6 +38,7 @@ class EvalConfig:
     data_dir: str | None = None
     split: str = "test"
     limit: int | None = None
+    offset: int = 0
     attacks: tuple[str, ...] = field(
         default_factory=lambda: attack_names(defense_aware=False, default_only=True))
     aware_attacks: tuple[str, ...] = field(
@@ -87,6 +88,12 @@ class EvalConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         if self.batch_size < 1 or self.aware_batch_size < 1:
             raise UserError("batch sizes must be at least 1")
+        # Attack seeds are keyed by the batch's index in the whole split, so a split run gives
+        # each image the seed one long run would: its images must start a batch.
+        if self.offset < 0 or self.offset % self.batch_size or (
+                self.aware_attacks and self.offset % self.aware_batch_size):
+            raise UserError(f"--offset must be a non-negative multiple of --batch and "
+                            f"--aware-batch, got {self.offset}")
 
     def resolved(self) -> EvalConfig:
         """Fill the None fields from the dataset's conventions and the mode's defaults."""

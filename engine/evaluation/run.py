@@ -97,7 +97,7 @@ class Evaluator:
         self.classifier_ckpt = load_checkpoint(self._classifier_ref(), "classifier")
         self.classifier = self.classifier_ckpt.model.to(self.device).eval()
         self.data = load_dataset(c.dataset, c.split, c.data_dir,
-                                 self.base.checkpoint.input_shape).subset(c.limit)
+                                 self.base.checkpoint.input_shape).subset(c.limit, c.offset)
         cal_data = (self.base.checkpoint.calibration or {}).get("data")
         if cal_data and cal_data == self.data.source:
             raise UserError(f"the DAE was calibrated on {cal_data}, the data being evaluated")
@@ -187,7 +187,10 @@ class Evaluator:
                 for spec, acc in zip(rows, out, strict=True):
                     bar.set_postfix(row=_row_name(acc))
                     t_row = t0 = time.perf_counter()
-                    adv, budget = self._inputs(spec, x, y, c.seed + _SEED_STRIDE * b, purifier)
+                    # b counts batches from the split's start: --offset runs get the seeds
+                    # one run over the whole split would.
+                    seed = c.seed + _SEED_STRIDE * (b + c.offset // batch)
+                    adv, budget = self._inputs(spec, x, y, seed, purifier)
                     t_attack = time.perf_counter() - t0
                     acc.attack_seconds += t_attack
                     if budget is not None:
@@ -301,6 +304,7 @@ class Evaluator:
             "dataset": c.dataset, "split": c.split, "data": self.data.source, "n": len(self.data),
             "aware_n": min(c.aware_limit, len(self.data)) if c.aware_attacks else 0,
             "quick": c.quick, "seed": c.seed, "attack_seed": f"seed + {_SEED_STRIDE} * batch index",
+            "offset": c.offset,
             "defense_backend": self.backend.name if self.backend else "reference",
             "eps_linf": c.eps, "eps_l2": c.eps_l2,
             "eot": c.eot, "draws": c.draws, "held_out_seeds": held_out_seeds(c.draws),

@@ -57,12 +57,14 @@ class ImageSet:
     def float_images(self) -> torch.Tensor:
         return self.images.float() / 255.0
 
-    def subset(self, count: int | None) -> ImageSet:
-        """The first ``count`` images (all when None)."""
-        if count is None or count >= len(self):
+    def subset(self, count: int | None, offset: int = 0) -> ImageSet:
+        """``count`` images from ``offset`` on (all the rest when None)."""
+        if offset == 0 and (count is None or count >= len(self)):
             return self
-        return ImageSet(self.images[:count], self.labels[:count], self.classes,
-                        f"{self.source}[:{count}]")
+        stop = len(self) if count is None else min(offset + count, len(self))
+        name = f"[{offset}:{stop}]" if offset else f"[:{stop}]"
+        return ImageSet(self.images[offset:stop], self.labels[offset:stop], self.classes,
+                        f"{self.source}{name}")
 
 
 def _env_dir(var: str, default: str) -> Path:

@@ -155,3 +155,27 @@ def test_roc_auc_matches_pairwise_counting():
     assert roc_auc(torch.zeros(3), torch.ones(2)) == 1.0
     assert roc_auc(torch.ones(3), torch.zeros(2)) == 0.0
     assert roc_auc(torch.ones(3), torch.ones(4)) == 0.5
+
+
+def test_offset_splits_a_run_into_parts_with_the_same_per_image_results(quadrant_data,
+                                                                         tmp_path):
+    """Two runs over halves give each image what one run over the whole gives it: the
+    attacks' random starts and the noise follow the batch's index in the split."""
+    pytest.importorskip("art")
+    common = dict(model=str(trained_model_folder()), quick=True, attacks=("pgd",),
+                  aware_attacks=("bpda",), defenses=("none", "adaptive"), sweep=(),
+                  batch_size=4, aware_batch_size=4, command="test")
+    whole = tmp_path / "whole"
+    evaluate(EvalConfig(limit=8, aware_limit=8, out_dir=str(whole), **common))
+    part = tmp_path / "part"
+    results = evaluate(EvalConfig(limit=4, offset=4, aware_limit=4, out_dir=str(part),
+                                  **common))
+    assert results["settings"]["data"].endswith("[4:8]")
+    a, b = np.load(whole / "per_image.npz"), np.load(part / "per_image.npz")
+    keys = [k for k in b.files if "/error" in k or "/correct/" in k]
+    assert any(k.startswith("defense_aware/") for k in keys)
+    for k in keys:
+        np.testing.assert_allclose(b[k], a[k][4:], rtol=1e-5, atol=1e-6, err_msg=k)
+    with pytest.raises(UserError, match="--offset must be a non-negative multiple"):
+        EvalConfig(offset=3, batch_size=4, **{k: v for k, v in common.items()
+                                               if k not in ("batch_size",)})
