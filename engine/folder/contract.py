@@ -393,9 +393,11 @@ def finish(out: Path, summary: Summary, preview: list) -> None:
         from apudae_engine.images.preview import write_preview
 
         write_preview(out / PREVIEW, preview)
-    log.info("done: %d ok (%d resumed), %d failed, %d flagged as likely adversarial; %.1f img/s; "
+    worked = summary.ok + summary.failed - summary.resumed
+    rate = f"{summary.images_per_second:.1f} img/s" if worked else "nothing left to do"
+    log.info("done: %d ok (%d resumed), %d failed, %d flagged as likely adversarial; %s; "
              "manifest %s", summary.ok, summary.resumed, summary.failed, summary.flagged,
-             summary.images_per_second, out / MANIFEST)
+             rate, out / MANIFEST)
     if summary.failed:
         log.warning("%d images could not be purified; see the error records in %s",
                     summary.failed, out / MANIFEST)
