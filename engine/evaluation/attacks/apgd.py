@@ -287,7 +287,7 @@ class AwareSuite(DefenseAwareAttack, name="aware-suite",
     members = ("apgd-ce", "apgd-dlr", "apgd-below-mu", "apgd-bpda-dae", "apgd-bpda")
     uses_eot = True
     default_steps, quick_steps = 100, 4
-    in_default_run = False
+    in_default_run = True  # evaluate's default defense-aware attack: the strongest we have
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         spec, n = self.spec, x.shape[0]

@@ -154,6 +154,7 @@ class EOTAscent(DefenseAwareAttack):
 
     mode = "full"
     uses_eot = True
+    in_default_run = False  # superseded by aware-suite's APGD versions; kept to compare
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         spec, n, eot = self.spec, x.shape[0], self.spec.eot
@@ -199,6 +200,8 @@ class BelowMu(DefenseAwareAttack, name="below-mu", label="stay below mu"):
     iterate keep the last one. The objective is deterministic (classifier and r on x_adv), so
     there is no noise to average.
     """
+
+    in_default_run = False  # superseded by apgd-below-mu in aware-suite
 
     default_steps, quick_steps, default_loss = 100, 10, "margin"
 

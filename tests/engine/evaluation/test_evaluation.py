@@ -17,6 +17,9 @@ from apudae_engine.evaluation.config import DEFENSES, EvalConfig
 from apudae_engine.evaluation.run import WORST_CASE, evaluate, roc_auc
 
 DEFAULT_AWARE = attack_names(defense_aware=True, default_only=True)
+# The quick run adds the single-attack PGD-EOT to the default suite: its budget is exact, and
+# two rows give the per-image worst-case row.
+QUICK_AWARE = (*DEFAULT_AWARE, "pgd-eot")
 
 FILES = ("results.json", "results.md", "per_image.npz", "accuracy_vs_eps.png",
          "error_histogram.png", "examples.png")
@@ -39,7 +42,8 @@ def quick_results(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(evaluation, "load_dataset", lambda name, split, root=None, shape=None: data)
         results = evaluate(EvalConfig(model=str(trained_model_folder()), quick=True, limit=48,
-                                      aware_limit=8, out_dir=str(out), command="test"))
+                                      aware_limit=8, aware_attacks=QUICK_AWARE,
+                                      out_dir=str(out), command="test"))
     return results, out
 
 
@@ -66,7 +70,8 @@ def test_quick_tables_have_the_expected_shape(quick_results):
     results, _ = quick_results
     obl, aware = results["oblivious"], results["defense_aware"]
     assert list(obl) == ["clean", "noise", *LIBRARY_ATTACKS, WORST_CASE]
-    assert list(aware) == ["clean", *DEFAULT_AWARE, WORST_CASE]
+    assert DEFAULT_AWARE == ("aware-suite",)  # evaluate's default: the strongest suite
+    assert list(aware) == ["clean", *QUICK_AWARE, WORST_CASE]
     assert obl[WORST_CASE]["over"] == ["fgsm", "rfgsm", "pgd", "autoattack"]
     for table, n in ((obl, 48), (aware, 8)):
         worst = table[WORST_CASE]
@@ -85,7 +90,7 @@ def test_quick_tables_have_the_expected_shape(quick_results):
             if row["perturbation"] is not None:
                 p = row["perturbation"]
                 assert p["max"] <= p["eps"] * (1 + 1e-5)
-    for name in (*LIBRARY_ATTACKS, *DEFAULT_AWARE):
+    for name in (*LIBRARY_ATTACKS, *QUICK_AWARE):
         table = obl if name in obl else aware
         assert table[name]["budget"]["images"] == table[name]["n"]
     assert aware["pgd-eot"]["budget"]["per_image"]["purifier_backward"] == 3
