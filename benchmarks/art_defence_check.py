@@ -29,7 +29,8 @@ from apudae_engine.evaluation.art_defence import PurificationDefence, defended_c
 from apudae_engine.evaluation.attacks import AttackSpec, run_attack
 from apudae_engine.evaluation.attacks.aware import eot_gradient
 from apudae_engine.images.datasets import load_dataset
-from apudae_engine.method.checkpoint import classifier_source, load_checkpoint
+from apudae_engine.method.checkpoint import load_classifier
+from apudae_engine.method.config import PurifyConfig
 
 
 def main() -> None:
@@ -42,8 +43,8 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     t_start = time.perf_counter()
-    purifier = Purifier.from_pretrained("fmnist")
-    classifier = load_checkpoint(str(classifier_source("fmnist")), "classifier").model.eval()
+    purifier = Purifier.from_pretrained("fmnist", PurifyConfig(seed=0))  # the records' seed
+    classifier = load_classifier("fmnist").model
     data = load_dataset("fashion-mnist", "test", None, (1, 28, 28)).subset(a.limit)
     x, y = data.images.float() / 255, data.labels
     k = int(classifier(x[:1]).shape[1])

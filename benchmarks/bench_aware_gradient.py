@@ -25,7 +25,8 @@ from apudae_engine.backends.purifier import Purifier
 from apudae_engine.core.host import describe
 from apudae_engine.evaluation.attacks.aware import eot_gradient
 from apudae_engine.images.datasets import load_dataset
-from apudae_engine.method.checkpoint import classifier_source, load_checkpoint
+from apudae_engine.method.checkpoint import load_classifier
+from apudae_engine.method.config import PurifyConfig
 
 PATHS = ("autograd", "hvp")
 
@@ -38,8 +39,8 @@ def main() -> None:
     p.add_argument("--out", default=None, help="write the record here (JSON, and .md beside)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    purifier = Purifier.from_pretrained("fmnist")
-    classifier = load_checkpoint(str(classifier_source("fmnist")), "classifier").model.eval()
+    purifier = Purifier.from_pretrained("fmnist", PurifyConfig(seed=0))  # the records' seed
+    classifier = load_classifier("fmnist").model
     data = load_dataset("fashion-mnist", "test", None, (1, 28, 28)).subset(a.images)
     x, y = data.images.float() / 255, data.labels
 

@@ -26,7 +26,7 @@ from apudae_engine.backends.purifier import Purifier
 from apudae_engine.core.host import describe
 from apudae_engine.evaluation.attacks import AttackSpec, project, run_attack
 from apudae_engine.images.datasets import load_dataset
-from apudae_engine.method.checkpoint import classifier_source, load_checkpoint
+from apudae_engine.method.checkpoint import load_classifier
 from apudae_engine.method.config import PurifyConfig
 from apudae_engine.method.purification import purify
 
@@ -86,10 +86,10 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     t_start = time.perf_counter()
-    base = Purifier.from_pretrained("fmnist")
+    base = Purifier.from_pretrained("fmnist", PurifyConfig(seed=0))  # the records' seed
     defenses = {"none": None, "direct": PurifyConfig(method="direct", seed=0),
                 "adaptive": PurifyConfig(seed=0)}
-    classifier = load_checkpoint(str(classifier_source("fmnist")), "classifier").model.eval()
+    classifier = load_classifier("fmnist").model
     data = load_dataset("fashion-mnist", "test", None, (1, 28, 28)).subset(a.limit)
     eps = {"Linf": 0.1, "L2": 1.5}
     num_classes = int(classifier(data.images[:1].float() / 255).shape[1])
