@@ -32,6 +32,9 @@ class Purifier(nn.Module):
         config: purification settings (method, steps, noise, seed, ...). Without a seed the
             module draws a secret one (``config.seed`` then holds it): an attacker who knows
             the code cannot compute the noise. Give ``PurifyConfig(seed=...)`` to reproduce.
+            Settings left unset take the checkpoint's tuned ``purify_defaults`` (chosen by
+            ``apudae-engine tune``; ``config.defaults`` then says ``tuned``);
+            ``PurifyConfig(defaults="method")`` keeps the method's own (docs/method.md).
     Shapes: ``forward`` maps (N, C, H, W) float images in [0, 1] to purified images of the
     same shape. When ``x.requires_grad`` and grad mode is on, the whole loop stays on the
     autograd graph, so attacks can differentiate through the defense.
@@ -54,7 +57,10 @@ class Purifier(nn.Module):
         # A config without a seed gets a secret one here (see PurifyConfig.seed); it is kept
         # for the module's life, so one Purifier purifies an image the same way every time.
         self.seed_is_secret = config is None or config.seed is None
-        self.config = (config or PurifyConfig()).with_secret_seed()
+        config = config or PurifyConfig()
+        if checkpoint is not None:  # the model's tuned settings, where the caller left them
+            config = config.with_model_defaults(checkpoint.purify_defaults)
+        self.config = config.with_secret_seed()
         self.checkpoint = checkpoint
         if self.config.method == "adaptive" and (self.mu is None or self.sigma is None):
             raise UserError("this DAE has no calibration (mu, sigma); run `apudae-engine "

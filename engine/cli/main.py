@@ -163,9 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _extra_commands() -> list[Callable[[argparse._SubParsersAction], None]]:
     """Sub-commands defined in other modules (evaluate, verify, bench, export)."""
-    from apudae_engine.cli import evaluate, ray, serve, tools
+    from apudae_engine.cli import evaluate, ray, serve, tools, tune
 
-    return [evaluate.register, *tools.REGISTER, ray.register, serve.register]
+    return [evaluate.register, tune.register, *tools.REGISTER, ray.register, serve.register]
 
 
 def main(argv: list[str] | None = None) -> int:

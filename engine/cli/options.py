@@ -11,11 +11,7 @@ def add_purify_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default="fmnist", help="bundled model name or DAE checkpoint path "
                    "(default: fmnist)")
     g.add_argument("--method", choices=("adaptive", "iterative", "direct"), default="adaptive")
-    g.add_argument("--steps", type=int, default=None, help="optimizer steps (default: 13 "
-                   "adaptive, 12 iterative)")
-    g.add_argument("--lr", type=float, default=None, help="Adam step size (default: 2/255 "
-                   "adaptive, 1/255 iterative)")
-    g.add_argument("--noise-eps", type=float, default=0.7 / 255, help="eps_n (default 0.7/255)")
+    add_tunable_options(g)
     g.add_argument("--no-noise", action="store_true", help="turn the adaptive noise off "
                    "(deterministic)")
     g.add_argument("--seed", type=int, default=None, help="noise seed; default: a secret "
@@ -39,11 +35,34 @@ def add_purify_options(p: argparse.ArgumentParser) -> None:
                    "bf16/fp16 are checked against fp32 on the first batch)")
 
 
+def add_tunable_options(g) -> None:
+    """The settings ``apudae-engine tune`` chooses; unset, they come from the model."""
+    g.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the "
+                   "model's tuned value, else 13 adaptive, 12 iterative)")
+    g.add_argument("--lr", type=float, default=None, help="Adam step size (default: the "
+                   "model's tuned value, else 2/255 adaptive, 1/255 iterative)")
+    g.add_argument("--noise-eps", type=float, default=None, help="eps_n, the noise unit "
+                   "(default: the model's tuned value, else 0.7/255)")
+    g.add_argument("--noise-cap", type=float, default=None, dest="noise_max_scale",
+                   help="upper clip of the noise scale ((r - mu) / 2 sigma)^2 (default: the "
+                   "model's tuned value, else 4)")
+    g.add_argument("--method-defaults", action="store_true", help="ignore the model's tuned "
+                   "settings (purify_defaults, from `apudae-engine tune`) and use the "
+                   "method's own (docs/method.md)")
+
+
+def tunable_settings(a: argparse.Namespace) -> dict:
+    """``add_tunable_options``' arguments as ``PurifyConfig`` keywords."""
+    return dict(steps=a.steps, lr=a.lr, noise_eps=a.noise_eps,
+                noise_max_scale=a.noise_max_scale,
+                defaults="method" if a.method_defaults else "model")
+
+
 def purify_config(a: argparse.Namespace):
-    """The ``PurifyConfig`` that ``add_purify_options``' arguments describe."""
+    """The ``PurifyConfig`` that ``add_purify_options``' arguments describe (a ``Purifier``
+    built from the model fills the unset settings from its tuned defaults)."""
     from apudae_engine.method.config import PurifyConfig
 
-    kw = dict(method=a.method, steps=a.steps, lr=a.lr, noise=not a.no_noise,
-              noise_eps=a.noise_eps, seed=a.seed, flag_k=a.flag_k,
-              flag_fpr=a.flag_fpr)
+    kw = dict(method=a.method, noise=not a.no_noise, seed=a.seed, flag_k=a.flag_k,
+              flag_fpr=a.flag_fpr, **tunable_settings(a))
     return PurifyConfig.compat(**kw) if a.compat else PurifyConfig(**kw)

@@ -33,6 +33,8 @@ def _load_dae(model: str):
 
 
 def register_export(sub: argparse._SubParsersAction) -> None:
+    from apudae_engine.cli.options import add_tunable_options
+
     p = sub.add_parser("export", help="export the step graph (r and dr/dy), or with --whole "
                        "the complete purification, to .pt2 and ONNX",
                        description="Write OUT.pt2 (torch.export), OUT.onnx and OUT.json (model "
@@ -55,9 +57,7 @@ def register_export(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--with-classifier", nargs="?", const="default", default=None,
                    metavar="CLASSIFIER", help="append the classifier (the bundled model's, or "
                    "a name or path) so the graph also outputs logits")
-    w.add_argument("--steps", type=int, default=None, help="purification steps (default 13)")
-    w.add_argument("--lr", type=float, default=None, help="Adam step size (default 2/255)")
-    w.add_argument("--noise-eps", type=float, default=0.7 / 255, help="eps_n (default 0.7/255)")
+    add_tunable_options(w)
     w.add_argument("--no-noise", action="store_true", help="no adaptive noise (deterministic)")
     w.add_argument("--seed", type=int, default=None, help="default of the graph's seed input "
                    "(default: a secret random seed, recorded in the sidecar)")
@@ -99,19 +99,22 @@ def _cmd_export(a: argparse.Namespace) -> int:
 def _export_whole(a: argparse.Namespace, ck, mu, sigma, stem: Path) -> int:
     from apudae_engine.backends.export import export_whole
     from apudae_engine.backends.purifier import Purifier
+    from apudae_engine.cli.options import tunable_settings
     from apudae_engine.core.errors import UserError
     from apudae_engine.method.checkpoint import load_classifier
     from apudae_engine.method.config import PurifyConfig
 
     if mu is None or sigma is None:
         raise UserError(f"{a.model}: the DAE has no calibration; run `apudae-engine calibrate`")
-    kw = dict(steps=a.steps, lr=a.lr, noise=not a.no_noise, noise_eps=a.noise_eps, seed=a.seed)
+    kw = dict(noise=not a.no_noise, seed=a.seed, **tunable_settings(a))
     kw.update({k: v for k, v in (("flag_k", a.flag_k), ("flag_fpr", a.flag_fpr)) if v is not None})
     try:
         config = PurifyConfig.compat(**kw) if a.compat else PurifyConfig(**kw)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    threshold = Purifier(ck.model, mu, sigma, config, checkpoint=ck).flag_threshold()
+    purifier = Purifier(ck.model, mu, sigma, config, checkpoint=ck)
+    config = purifier.config.with_(seed=a.seed)  # the model's tuned settings filled in
+    threshold = purifier.flag_threshold()
     source = {"checkpoint": str(ck.path), "weights_sha256": ck.weights_sha256}
     classifier = None
     if a.with_classifier:
@@ -180,7 +183,7 @@ def _cmd_verify(a: argparse.Namespace) -> int:
 
     device = _device(a.device)
     ck, mu, sigma = _load_dae(a.model)
-    config = purify_config(a)
+    config = purify_config(a).with_model_defaults(ck.purify_defaults)
     if config.method == "adaptive" and (mu is None or sigma is None):
         raise UserError(f"{a.model}: the DAE has no calibration; run `apudae-engine calibrate`")
     if a.input:

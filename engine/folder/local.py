@@ -7,6 +7,7 @@ Decoding the next batch, purifying this one and writing the previous one overlap
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -130,11 +131,12 @@ def purify_folder(job: FolderJob) -> Summary:
     config, seed_source = run_seed(job.output_dir, job.config)
     purifier = Purifier.from_pretrained(job.model, config, device, backend=backend,
                                         precision=job.precision)
+    job = dataclasses.replace(job, config=purifier.config)  # with the model's tuned settings
     spot_check = SpotCheck(every=job.verify_every)
     if purifier.input_shape is None:
         raise UserError(f"{job.model}: checkpoint has no input shape")
     clf, labels, clf_sha = load_job_classifier(job, device) or (None, None, None)
-    identity = run_identity(purifier, config.to_dict(), job.precision, clf_sha,
+    identity = run_identity(purifier, job.config.to_dict(), job.precision, clf_sha,
                             job.input_dir)
     with get_loader(job.loader, device, job.workers) as loader, output_lock(job.output_dir):
         ran = {"backend": purifier.backend_report(device), "loader": loader.name,

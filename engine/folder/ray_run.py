@@ -79,6 +79,7 @@ def purify_folder_ray(job: FolderJob, address: str | None = None,
     config, seed_source = run_seed(job.output_dir, job.config)
     job = dataclasses.replace(job, config=config)
     purifier = Purifier.from_pretrained(job.model, job.config, "cpu")
+    job = dataclasses.replace(job, config=purifier.config)  # with the model's tuned settings
     _, labels, clf_sha = load_job_classifier(job, "cpu") or (None, None, None)
     identity = run_identity(purifier, job.config.to_dict(), job.precision, clf_sha, root)
     backend = backend_for_job(job.backend, job.precision, len(inputs))

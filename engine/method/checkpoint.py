@@ -59,6 +59,11 @@ class Checkpoint:
     def weights_sha256(self) -> str:
         return self.meta["weights_sha256"]
 
+    @property
+    def purify_defaults(self) -> dict[str, Any] | None:
+        """Tuned purification settings per method (``apudae-engine tune``), or None."""
+        return self.meta.get("purify_defaults")
+
 
 @dataclass
 class CheckpointMeta:

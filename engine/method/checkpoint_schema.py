@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from apudae_engine.core.errors import CheckpointError
+from apudae_engine.method.config import METHODS, TUNABLE
 
 MAX_CHANNELS = 4
 MAX_SIDE = 16384  # input height and width
@@ -26,6 +27,10 @@ ARCH_CONFIG: dict[str, dict[str, tuple[int, int]]] = {
     "resnet18_cifar": {"channels": (1, MAX_CHANNELS), "classes": (1, MAX_CLASSES)},
 }
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# Bounds of the tuned settings a JSON may carry (purify_defaults): anything outside is an
+# edited file, not a tuning result.
+TUNED_LIMITS = {"steps": (1, 1000), "lr": (0.0, 1.0), "noise_eps": (0.0, 1.0),
+                "noise_max_scale": (0.0, 1e4)}
 
 
 def _fail(path: Path, field: str, problem: str) -> CheckpointError:
@@ -108,6 +113,9 @@ def validate_metadata(meta: dict, path: Path, kind: str) -> None:
         if kind == "classifier" and len(labels) != config.get("classes"):
             raise _fail(path, "labels", f"has {len(labels)} names for "
                         f"{config.get('classes')} classes")
+    defaults = meta.get("purify_defaults")
+    if defaults is not None:
+        _purify_defaults(_mapping(defaults, path, "purify_defaults"), path)
     if "training" in meta and meta["training"] is not None:
         _mapping(meta["training"], path, "training")
 
@@ -140,3 +148,25 @@ def _calibration(cal: dict, path: Path) -> None:
             continue
         for rate, value in _mapping(table, path, f"calibration.{key}").items():
             _finite(value, path, f"calibration.{key}.{rate}")
+
+
+def _purify_defaults(defaults: dict, path: Path) -> None:
+    """``{"adaptive": {"steps": 20, "lr": ..., ...}, "tuning": {...}}``: a table of tuned
+    settings per method, each within ``TUNED_LIMITS``; ``tuning`` records how they were chosen."""
+    for method, table in defaults.items():
+        field = f"purify_defaults.{method}"
+        if method == "tuning":
+            _mapping(table, path, field)
+            continue
+        if method not in METHODS:
+            raise _fail(path, field, f"names no method ({', '.join(METHODS)} or tuning)")
+        for key, value in _mapping(table, path, field).items():
+            if key not in TUNABLE:
+                raise _fail(path, f"{field}.{key}", f"is not a tunable setting "
+                            f"({', '.join(TUNABLE)})")
+            low, high = TUNED_LIMITS[key]
+            if key == "steps":
+                _integer(value, path, f"{field}.{key}", low, high)
+            elif not low <= _finite(value, path, f"{field}.{key}") <= high:
+                raise _fail(path, f"{field}.{key}", f"must lie in [{low:g}, {high:g}], got "
+                            f"{value}")

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import secrets
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 METHODS = ("adaptive", "iterative", "direct")
 # Defaults from the authors' code (docs/method.md): adaptive T=13, lr=2/255; iterative 12, 1/255.
 _METHOD_DEFAULTS = {"adaptive": (13, 2.0 / 255), "iterative": (12, 1.0 / 255), "direct": (0, 0.0)}
+NOISE_EPS, NOISE_MAX_SCALE = 0.7 / 255, 4.0  # the method's noise unit and amplitude cap
 COMPAT_SIGMA = 0.5  # the value the authors' code silently overwrites the calibrated sigma with
+# The settings `apudae-engine tune` chooses; a model's JSON may carry them as purify_defaults.
+TUNABLE = ("steps", "lr", "noise_eps", "noise_max_scale")
+DEFAULTS = ("model", "method", "tuned")
 
 
 @dataclass(frozen=True)
@@ -19,12 +24,14 @@ class PurifyConfig:
     Args:
         method: ``adaptive`` (APuDAE, default), ``iterative`` (fixed Adam steps on the
             reconstruction error) or ``direct`` (x' = D(x)).
-        steps: optimizer steps; None takes the method's default (13 adaptive, 12 iterative).
-        lr: Adam learning rate; None takes the method's default (2/255 adaptive, 1/255 iterative).
+        steps: optimizer steps; None takes the default (see ``defaults``; the method's own:
+            13 adaptive, 12 iterative).
+        lr: Adam learning rate; None takes the default (the method's: 2/255 adaptive, 1/255
+            iterative).
         beta1, beta2, adam_eps: Adam constants (torch defaults).
         noise: add the adaptive method's per-image noise (off makes it deterministic).
-        noise_eps: eps_n, the noise amplitude unit (0.7/255).
-        noise_max_scale: upper clip of ((r - mu) / (2 sigma))^2 (4).
+        noise_eps: eps_n, the noise amplitude unit; None takes the default (0.7/255).
+        noise_max_scale: upper clip of ((r - mu) / (2 sigma))^2; None takes the default (4).
         seed: keys the counter-based noise together with each image's identity. None (the
             default): a secret seed drawn from the operating system's random source when a
             Purifier, folder run, server or export is set up (``with_secret_seed``), so an
@@ -36,8 +43,17 @@ class PurifyConfig:
             that this share of clean calibration images exceeds (None: the model's own
             default, 5 %); see ``method.detection``.
         flag_k: flag when r > mu + flag_k * sigma instead (None: use ``flag_fpr``).
+        defaults: where the settings of ``TUNABLE`` left at None come from. ``model`` (the
+            default): the model's tuned ``purify_defaults`` (written by ``apudae-engine
+            tune``) where it has them, which a ``Purifier`` built from a checkpoint applies
+            (:meth:`with_model_defaults`; the config then says ``tuned``); until then, and for
+            a model without them, the method's defaults. ``method``: always the method's
+            defaults (docs/method.md).
+    Fields left at None are filled at once with the method's defaults, so a config is always
+    complete; ``unset`` remembers which they were, so that a model's tuned values may still
+    replace them.
     Example: ``PurifyConfig(method="adaptive", steps=13, seed=1)``; ``PurifyConfig.compat()``
-    reproduces the authors' code (sigma 0.5, no clipping).
+    reproduces the authors' code (sigma 0.5, no clipping, the method's defaults).
     """
 
     method: str = "adaptive"
@@ -47,22 +63,29 @@ class PurifyConfig:
     beta2: float = 0.999
     adam_eps: float = 1e-8
     noise: bool = True
-    noise_eps: float = 0.7 / 255
-    noise_max_scale: float = 4.0
+    noise_eps: float | None = None
+    noise_max_scale: float | None = None
     seed: int | None = None
     clip: bool = True
     sigma_override: float | None = None
     flag_fpr: float | None = None
     flag_k: float | None = None
+    defaults: str = "model"
+    unset: frozenset[str] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.defaults not in DEFAULTS:
+            raise ValueError(f"defaults must be one of {', '.join(DEFAULTS)}, got "
+                             f"{self.defaults!r}")
         default_steps, default_lr = _METHOD_DEFAULTS[self.method]
-        if self.steps is None:
-            object.__setattr__(self, "steps", default_steps)
-        if self.lr is None:
-            object.__setattr__(self, "lr", default_lr)
+        fill = {"steps": default_steps, "lr": default_lr, "noise_eps": NOISE_EPS,
+                "noise_max_scale": NOISE_MAX_SCALE}
+        missing = {k for k in TUNABLE if getattr(self, k) is None}
+        object.__setattr__(self, "unset", frozenset(missing | (self.unset or set())))
+        for key in missing:
+            object.__setattr__(self, key, fill[key])
         if self.method != "direct" and self.steps < 1:
             raise ValueError(f"steps must be at least 1 for method {self.method}, got {self.steps}")
         if self.lr < 0:
@@ -84,8 +107,24 @@ class PurifyConfig:
 
     @classmethod
     def compat(cls, **overrides: Any) -> PurifyConfig:
-        """The authors' code behaviour: sigma forced to 0.5 and no clipping to [0, 1]."""
-        return cls(**{"sigma_override": COMPAT_SIGMA, "clip": False, **overrides})
+        """The authors' code behaviour: sigma forced to 0.5, no clipping to [0, 1], and the
+        method's own defaults (a model's tuned values are for the corrected method)."""
+        return cls(**{"sigma_override": COMPAT_SIGMA, "clip": False, "defaults": "method",
+                      **overrides})
+
+    def with_model_defaults(self, purify_defaults: Mapping[str, Any] | None) -> PurifyConfig:
+        """This config with the model's tuned values (a checkpoint's ``purify_defaults``: a
+        table per method of ``TUNABLE`` settings) in the fields the caller left unset; itself
+        when ``defaults`` is not ``model`` or the model has none for this method.
+
+        Example: ``PurifyConfig(seed=1).with_model_defaults({"adaptive": {"steps": 20}})``
+        has 20 steps; ``PurifyConfig(steps=13, seed=1)`` would keep its 13.
+        """
+        table = (purify_defaults or {}).get(self.method) if self.defaults == "model" else None
+        changes = {k: table[k] for k in TUNABLE if table and k in table and k in self.unset}
+        if not changes:
+            return self
+        return replace(self, **changes, defaults="tuned", unset=self.unset - set(changes))
 
     def require_seed(self) -> int:
         """The seed, or a ValueError when it was never set (the loop needs a concrete one)."""
@@ -103,7 +142,11 @@ class PurifyConfig:
         if changes.get("method", self.method) != self.method:
             changes.setdefault("steps", None)
             changes.setdefault("lr", None)
+        changes.setdefault("unset", (self.unset or frozenset()) - set(changes))
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The settings as JSON-ready values (``unset`` is bookkeeping and left out)."""
+        out = asdict(self)
+        out.pop("unset")
+        return out

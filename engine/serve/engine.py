@@ -92,7 +92,7 @@ class ServingEngine:
         """What GET answers: the model, its input shape and the settings."""
         return {"model": self.settings.model, "input_shape": list(self.input_shape),
                 "classifier": self.classifier is not None, "labels": self.labels,
-                "backend": self.settings.backend, "settings": self.settings.config.to_dict(),
+                "backend": self.settings.backend, "settings": self.purifier.config.to_dict(),
                 "flag_threshold": self.threshold}
 
     @torch.no_grad()

@@ -127,6 +127,18 @@ _DELETE = object()
     ("config.width", "8", "field 'config.width' must be an integer"),
     ("config.depth", 3, "field 'config.depth' is not a keyword of rednet"),
     ("arch", "gan", "field 'arch' names no known architecture"),
+    ("purify_defaults", [13], "field 'purify_defaults' must be a JSON object"),
+    ("purify_defaults", {"adaptiv": {}}, "field 'purify_defaults.adaptiv' names no method"),
+    ("purify_defaults", {"adaptive": {"steps": 0}},
+     "field 'purify_defaults.adaptive.steps' must lie in [1, 1000]"),
+    ("purify_defaults", {"adaptive": {"steps": 12.5}},
+     "field 'purify_defaults.adaptive.steps' must be an integer"),
+    ("purify_defaults", {"adaptive": {"lr": "0.01"}},
+     "field 'purify_defaults.adaptive.lr' must be a finite number"),
+    ("purify_defaults", {"adaptive": {"noise_eps": 7.0}},
+     "field 'purify_defaults.adaptive.noise_eps' must lie in [0, 1]"),
+    ("purify_defaults", {"adaptive": {"beta1": 0.5}},
+     "field 'purify_defaults.adaptive.beta1' is not a tunable setting"),
 ])
 def test_every_metadata_field_is_validated(saved, field, value, message):
     _, folder = saved
