@@ -61,7 +61,10 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
         square_queries=a.square_queries,
         batch_size=a.batch, aware_batch_size=a.aware_batch, seed=a.seed, quick=a.quick,
         device=a.device, backend=a.backend, out_dir=a.out, examples=a.examples, **kw)
-    results = evaluate(config)
+    results = evaluate(config, fresh=a.fresh, wait=not a.no_wait)
+    if results is None:
+        print(f"this worker's batches are done; another worker writes {a.out}/results.md")
+        return 0
     s = results["settings"]
     print(f"evaluated {s['n']} images of {s['data']} in {s['wall_seconds']:.0f} s -> "
           f"{a.out}/results.md")
@@ -73,7 +76,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "evaluate", help="accuracy under attack with and without purification",
         description="Attack the classifier (oblivious) and the purifier (defense-aware), then "
                     "score every defense on every attack. Writes results.json, results.md, "
-                    "per_image.npz and plots to --out.")
+                    "per_image.npz and plots to --out. Each batch is kept in --out/parts as "
+                    "it is done: rerun the same command to resume an interrupted run, and run "
+                    "it in several processes (or on several machines sharing --out) to share "
+                    "the work; each takes batches no one else holds, and the one that finds "
+                    "every batch done writes the report. A run whose settings change results "
+                    "(weights, data, eps, attacks, defenses, seeds, batch sizes, steps...) "
+                    "refuses parts of another; --limit, --offset, --threads, --device and "
+                    "--backend may differ.")
     p.add_argument("--model", default="fmnist", help="bundled model name or DAE checkpoint path")
     p.add_argument("--classifier", default=None, help="classifier checkpoint (default: the one "
                    "beside the DAE)")
@@ -87,6 +97,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, help="first N images (default: all; "
                    "32 with --quick)")
     p.add_argument("--out", default="runs/eval", help="output folder (default runs/eval)")
+    p.add_argument("--fresh", action="store_true", help="delete --out/parts first, whatever "
+                   "run they belong to, and start over (refused while a live worker holds a "
+                   "batch there; give it to the first worker only)")
+    p.add_argument("--no-wait", action="store_true", help="when no batch is left to take, "
+                   "exit instead of waiting for the batches other workers hold; the last of "
+                   "them writes the report")
     p.add_argument("--quick", action="store_true", help="32 images and small budgets: a "
                    "smoke run of every attack in about two minutes on 2 CPU cores")
     p.add_argument("--attacks", default=None, help="oblivious attacks, comma-separated or "

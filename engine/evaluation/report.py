@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import math
@@ -11,6 +12,7 @@ from typing import Any
 import torch
 
 from apudae_engine.core.errors import BackendUnavailable
+from apudae_engine.core.files import write_atomic
 from apudae_engine.evaluation.attacks import attack_class, attack_names
 
 log = logging.getLogger(__name__)
@@ -155,6 +157,17 @@ def _suite_table(table: dict[str, Any]) -> list[str]:
     return out
 
 
+def _parts_line(p: dict[str, Any] | None) -> list[str]:
+    """How the run was split: parts, workers and attack time summed over them."""
+    if not p:
+        return []
+    workers = len({(w["host"], w["pid"]) for w in p["workers"]})
+    return [f"Batches: {p['used']} parts from {workers} worker process(es), "
+            f"{p['computed_by_this_process']} computed by the process that wrote this report "
+            f"(the wall time above is its own); attack time summed over the parts "
+            f"{p['attack_seconds']:.0f} s.  "]
+
+
 def markdown(results: dict[str, Any]) -> str:
     s = results["settings"]
     defenses = list(s["defenses"])
@@ -166,6 +179,7 @@ def markdown(results: dict[str, Any]) -> str:
            f"({_machine(hw)}); "
            f"engine {s['engine']}, torch {s['torch']}; "
            f"defenses scored with the {s.get('defense_backend', 'reference')} backend.  ",
+           *_parts_line(s.get("parts")),
            f"DAE `{_short(s['dae']['path'])}` ({s['dae']['arch']} {s['dae']['config']}, sha256 "
            f"{s['dae']['sha256'][:12]}), classifier `{_short(s['classifier']['path'])}` (sha256 "
            f"{s['classifier']['sha256'][:12]}).  ",
@@ -273,12 +287,17 @@ def plot_examples(raw: dict[str, Any], target: str, path: Path) -> None:
     """One image: rows clean | adversarial | purified, for one oblivious and one aware attack."""
     plt = _plt()
     obl = {r.name: r for r in raw["oblivious"]}
+    if "none" not in obl["clean"].examples:  # parts from runs over other image ranges
+        log.info("no example images in the parts of this range; examples.png not written")
+        return
     grid = [("clean", obl["clean"].examples["none"])]
     aware = {r.name: r for r in raw.get("defense_aware", [])}
     attacked = [n for n in obl if n not in ("clean", "noise")]
     picks = [obl[n] for n in ("pgd", "fgsm", *attacked) if n in obl][:1]
     picks += [aware[n] for n in ("pgd-eot", "bpda", "below-mu") if n in aware][:1]
     for row in picks:
+        if "none" not in row.examples:
+            continue
         grid.append((row_label(row.name), row.examples["none"]))
         if target in row.examples:
             grid.append((f"→ purified ({target})", row.examples[target]))
@@ -303,7 +322,8 @@ def plot_examples(raw: dict[str, Any], target: str, path: Path) -> None:
 
 
 def save_per_image(raw: dict[str, Any], path: Path) -> None:
-    """Per-image outcomes (correct per defense, r) of every row, to recompute any table."""
+    """Per-image outcomes of every row, to recompute any table: correct per defense, r, the
+    perturbation's norm and, on defense-aware rows, the held-out draws classified correctly."""
     import numpy as np
 
     arrays = {}
@@ -315,15 +335,19 @@ def save_per_image(raw: dict[str, Any], path: Path) -> None:
                 arrays[f"{table}/{row.name}/norm"] = norms.numpy()
             for d, v in correct.items():
                 arrays[f"{table}/{row.name}/correct/{d}"] = v.numpy()
-    np.savez_compressed(path, **arrays)
+            if row.draw_correct:
+                arrays[f"{table}/{row.name}/draws"] = torch.cat(row.draw_correct).numpy()
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    write_atomic(path, buf.getvalue())
 
 
 def write_report(results: dict[str, Any], raw: dict[str, Any], purifier, out_dir: Path) -> None:
     """Write results.json, results.md, per_image.npz, accuracy_vs_eps.png (when there is a
     sweep), error_histogram.png and examples.png."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out_dir / "results.md").write_text(markdown(results) + "\n")
+    write_atomic(out_dir / "results.json", (json.dumps(results, indent=2) + "\n").encode())
+    write_atomic(out_dir / "results.md", (markdown(results) + "\n").encode())
     save_per_image(raw, out_dir / "per_image.npz")
     try:
         plot_sweep(results, out_dir / "accuracy_vs_eps.png")
