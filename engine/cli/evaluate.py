@@ -60,7 +60,8 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
         aware_steps=a.aware_steps, eot=a.eot, draws=a.draws, restarts=a.restarts,
         square_queries=a.square_queries,
         batch_size=a.batch, aware_batch_size=a.aware_batch, seed=a.seed, quick=a.quick,
-        device=a.device, backend=a.backend, out_dir=a.out, examples=a.examples, **kw)
+        device=a.device, backend=a.backend, method_defaults=a.method_defaults, out_dir=a.out,
+        examples=a.examples, **kw)
     results = evaluate(config, fresh=a.fresh, wait=not a.no_wait)
     if results is None:
         print(f"this worker's batches are done; another worker writes {a.out}/results.md")
@@ -146,4 +147,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backend", default="reference", help="purification backend for scoring "
                    "the defenses: reference (default, the specification), auto, compiled, ...; "
                    "attacks always differentiate through the reference")
+    p.add_argument("--method-defaults", action="store_true", help="score the purifying "
+                   "defenses with the method's own settings (docs/method.md) instead of the "
+                   "model's tuned purify_defaults (apudae-engine tune)")
     p.set_defaults(func=_cmd_evaluate)

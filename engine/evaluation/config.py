@@ -62,6 +62,7 @@ class EvalConfig:
     quick: bool = False
     device: str = "cpu"
     backend: str = "reference"
+    method_defaults: bool = False
     out_dir: str = "runs/eval"
     examples: int = 8
     command: str | None = None

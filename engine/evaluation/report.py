@@ -168,6 +168,17 @@ def _parts_line(p: dict[str, Any] | None) -> list[str]:
             f"{p['attack_seconds']:.0f} s.  "]
 
 
+def _settings_line(config: dict[str, Any] | None) -> list[str]:
+    """Which settings the adaptive column ran: the model's tuned ones or the method's."""
+    if not config:
+        return []
+    source = ("the model's tuned purify_defaults (apudae-engine tune)"
+              if config.get("defaults") == "tuned" else "the method's defaults")
+    return [f"*adaptive* runs {source}: {config['steps']} steps, lr {255 * config['lr']:.3g}/255, "
+            f"noise_eps {255 * config['noise_eps']:.3g}/255, noise cap "
+            f"{config['noise_max_scale']:g}."]
+
+
 def markdown(results: dict[str, Any]) -> str:
     s = results["settings"]
     defenses = list(s["defenses"])
@@ -195,7 +206,8 @@ def markdown(results: dict[str, Any]) -> str:
            "clean versus that row's images (0.5 = no signal). *flagged*: share of that row's "
            "images with r above the flag threshold: the detector's true-positive rate on attack "
            "rows, its false-positive rate on the clean row. *adaptive (compat)* runs the "
-           "authors' code settings (sigma forced to 0.5, no clipping to [0, 1]).", ""]
+           "authors' code settings (sigma forced to 0.5, no clipping to [0, 1]).  ",
+           *_settings_line(s["defenses"].get("adaptive")), ""]
     out += [f"## Oblivious attacks (crafted on the bare classifier), n = {s['n']}", ""]
     out += _accuracy_table(results["oblivious"], defenses) + [""]
     if "defense_aware" in results:

@@ -111,6 +111,10 @@ class Evaluator:
                    "iterative": PurifyConfig(method="iterative", seed=seed),
                    "adaptive": PurifyConfig(seed=seed),
                    "adaptive-compat": PurifyConfig.compat(seed=seed)}
+        # The defenses as purify runs them: the model's tuned settings (apudae-engine tune)
+        # unless --method-defaults; compat always keeps the authors' own.
+        tuned = None if c.method_defaults else self.base.checkpoint.purify_defaults
+        configs = {d: config.with_model_defaults(tuned) for d, config in configs.items()}
         dae, mu, sigma = self.base.dae, self.base.mu, self.base.sigma
         self.defenses: dict[str, Purifier | None] = {
             d: None if d == "none" else Purifier(dae, mu, sigma, configs[d]) for d in c.defenses}

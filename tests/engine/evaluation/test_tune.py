@@ -106,3 +106,24 @@ def test_tune_cli_refuses_a_library_attack(model, tmp_path, capsys):
     assert main(["tune", "--model", str(folder), "--attack", "pgd", "--out",
                  str(tmp_path / "o")]) == 2
     assert "defense-aware attack" in capsys.readouterr().err
+
+
+def test_evaluate_scores_the_tuned_settings_unless_told_otherwise(model, tmp_path, monkeypatch):
+    import apudae_engine.evaluation.run as evaluation
+    from apudae_engine.evaluation.config import EvalConfig
+    from apudae_engine.method.checkpoint import update_metadata
+
+    folder, _ = model
+    update_metadata(folder / "dae.json", purify_defaults={"adaptive": {"steps": 3}})
+    data = quadrant_set(16, seed=3)
+    monkeypatch.setattr(evaluation, "load_dataset", lambda *a, **k: data)
+    for method_defaults, steps in ((False, 3), (True, 13)):
+        out = tmp_path / f"eval-{method_defaults}"
+        results = evaluation.evaluate(EvalConfig(
+            model=str(folder), quick=True, limit=16, attacks=(), aware_attacks=(), sweep=(),
+            method_defaults=method_defaults, out_dir=str(out), command="test"))
+        adaptive = results["settings"]["defenses"]["adaptive"]
+        assert adaptive["steps"] == steps
+        assert results["settings"]["defenses"]["adaptive-compat"]["steps"] == 13
+        md = (out / "results.md").read_text()
+        assert ("tuned purify_defaults" in md) is not method_defaults
