@@ -10,6 +10,11 @@
 #   GPU_CHECK_SMOKE=1 bash scripts/gpu_check.sh   # the same plumbing on the CPU, tiny sizes
 #
 # Stages: env tests bench-rednet verify e2e bench-fmnist kernels jpeg profile e2e-224.
+# Not run by default: eval-aware, the full-split defense-aware evaluation of the README
+# (`evaluate` resumes from parts): carry the run's folder (EVAL_OUT, default
+# runs/eval-fmnist-10k-aware-method) so done batches are skipped; the parts this call adds come
+# back as $OUT/eval_parts.tar.gz, to unpack into that folder's parts/ and rerun to resume.
+#   bash scripts/gpu_check.sh eval-aware     # with GPU_CHECK_BUDGET/EVAL_LIMIT_S to suit
 # Fashion-MNIST is read from .gpu_data/fashion-mnist when that folder exists (copy the t10k
 # files there and carry it); otherwise the stages that need it use the bundled samples or
 # synthetic images, as their own options describe.
@@ -34,6 +39,18 @@ if [ -d "$ROOT/.gpu_data/fashion-mnist" ]; then
   VERIFY_SOURCE=(--dataset fashion-mnist --split test)
 fi
 
+EVAL_OUT=${EVAL_OUT:-runs/eval-fmnist-10k-aware-method}
+# The README's command; its settings (batch sizes included) must stay as they are for the
+# parts to join those already computed elsewhere.
+EVAL_ARGS=(--model fmnist --dataset fashion-mnist --attacks none --sweep none --limit 10000
+           --aware-limit 10000 --aware-attacks aware-suite --aware-steps 50 --eot 4 --draws 4
+           --aware-batch 50 --batch 250 --method-defaults)
+if [ "$SMOKE" = 1 ]; then
+  EVAL_OUT=$OUT/eval-smoke
+  EVAL_ARGS=(--model fmnist --dataset fashion-mnist --attacks none --sweep none --limit 8
+             --aware-limit 8 --aware-attacks aware-suite --aware-steps 2 --eot 1 --draws 2
+             --aware-batch 4 --batch 8 --threads 2)
+fi
 if [ "$SMOKE" = 1 ]; then
   DEV=cpu BATCH=8 LIMIT=16 LOADERS="cpu" REPEATS=1 WORKERS=2
   E2E=(--sizes 28 --count 64) E2E224=(--sizes 224 --count 4 --batch 2)
@@ -127,6 +144,11 @@ for s in "${STAGES[@]}"; do
     profile) stage profile 90 "$PY" benchmarks/profile_purify.py --device "$DEV" \
       --case rednet30-32 --backend compiled --precision bf16 --batch "$BATCH" \
       --json "$OUT/profile_rednet30.json" ;;
+    eval-aware)
+      stage eval-aware "${EVAL_LIMIT_S:-400}" "$PY" -m apudae_engine evaluate "${EVAL_ARGS[@]}" \
+        --device "$DEV" --no-wait --out "$EVAL_OUT"
+      [ -d "$EVAL_OUT/parts" ] && tar -czf "$OUT/eval_parts.tar.gz" -C "$EVAL_OUT" parts \
+        && cp "$EVAL_OUT"/results.* "$OUT/" 2>/dev/null ;;
     *) echo "## $s: unknown stage" >>"$OUT/summary.md" ;;
   esac
 done
