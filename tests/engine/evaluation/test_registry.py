@@ -92,7 +92,7 @@ def test_a_new_attack_is_one_class(registry, monkeypatch, tmp_path, capsys, capl
     results = json.loads((out / "results.json").read_text())
     assert list(results["oblivious"]) == ["clean", "noise", "sign-noise"]
     # Progress without a terminal: a log line per attack row with its timings.
-    lines = [r.getMessage() for r in caplog.records if "s into oblivious" in r.getMessage()]
+    lines = [r.getMessage() for r in caplog.records if "s into the batch" in r.getMessage()]
     assert [line.split(":")[0] for line in lines] == [
         "oblivious clean", "oblivious noise", "oblivious sign-noise (Linf 0.1)"]
     assert "images 1-8 of 8, attack " in lines[-1]
