@@ -43,7 +43,8 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     t_start = time.perf_counter()
-    purifier = Purifier.from_pretrained("fmnist", PurifyConfig(seed=0))  # the records' seed
+    purifier = Purifier.from_pretrained(
+        "fmnist", PurifyConfig(seed=0, defaults="method"))  # the records' seed and settings
     classifier = load_classifier("fmnist").model
     data = load_dataset("fashion-mnist", "test", None, (1, 28, 28)).subset(a.limit)
     x, y = data.images.float() / 255, data.labels

@@ -39,7 +39,8 @@ def main() -> None:
     p.add_argument("--out", default=None, help="write the record here (JSON, and .md beside)")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    purifier = Purifier.from_pretrained("fmnist", PurifyConfig(seed=0))  # the records' seed
+    purifier = Purifier.from_pretrained(
+        "fmnist", PurifyConfig(seed=0, defaults="method"))  # the records' seed and settings
     classifier = load_classifier("fmnist").model
     data = load_dataset("fashion-mnist", "test", None, (1, 28, 28)).subset(a.images)
     x, y = data.images.float() / 255, data.labels

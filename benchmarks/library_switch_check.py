@@ -86,7 +86,8 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     t_start = time.perf_counter()
-    base = Purifier.from_pretrained("fmnist", PurifyConfig(seed=0))  # the records' seed
+    base = Purifier.from_pretrained(
+        "fmnist", PurifyConfig(seed=0, defaults="method"))  # the records' seed and settings
     defenses = {"none": None, "direct": PurifyConfig(method="direct", seed=0),
                 "adaptive": PurifyConfig(seed=0)}
     classifier = load_classifier("fmnist").model
