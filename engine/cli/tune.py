@@ -28,7 +28,10 @@ def _grid(text: str) -> tuple[tuple[str, tuple[float, ...]], ...]:
 
 def _number(text: str) -> float:
     num, _, den = text.strip().partition("/")
-    return float(num) / float(den) if den else float(num)
+    try:
+        return float(num) / float(den) if den else float(num)
+    except ZeroDivisionError:
+        raise ValueError(text) from None
 
 
 def _cmd_tune(a: argparse.Namespace) -> int:
@@ -42,7 +45,8 @@ def _cmd_tune(a: argparse.Namespace) -> int:
         model=a.model, classifier=a.classifier, dataset=a.dataset, data_dir=a.data_dir,
         clean_limit=a.clean_limit, attack_limit=a.attack_limit, eps=a.eps, attack=a.attack,
         attack_steps=a.attack_steps, eot=a.eot, draws=a.draws,
-        grid=a.grid or DEFAULT_GRID, max_clean_drop=a.max_clean_drop / 100, seed=a.seed,
+        grid=a.grid or DEFAULT_GRID, max_clean_drop=a.max_clean_drop / 100,
+        min_gain=None if a.min_gain is None else a.min_gain / 100, seed=a.seed,
         batch_size=a.batch, device=a.device, out_dir=a.out, write=a.write)
     doc = tune(config)
     chosen, base = doc["chosen"], doc["method_defaults"]
@@ -62,7 +66,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "on the calib split by clean accuracy and by robust accuracy against a "
                     "defense-aware attack crafted against each setting; take the most robust "
                     "one whose clean accuracy stays within --max-clean-drop of the method's "
-                    "defaults. Coordinate-wise search from the method's defaults; each scored "
+                    "defaults, when it gains at least --min-gain. Coordinate-wise search "
+                    "from the method's defaults; each scored "
                     "setting is saved, so rerunning resumes. Writes tune.json, tune.md and "
                     "tune.png to --out; --write stores the choice in the model's JSON as "
                     "purify_defaults (used by purify, the API and evaluate unless "
@@ -90,6 +95,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    " (default: that, with noise_eps 0.7/255,2/255,4/255)")
     p.add_argument("--max-clean-drop", type=float, default=1.0, help="largest clean-accuracy "
                    "loss against the method's defaults, in points (default 1)")
+    p.add_argument("--min-gain", type=float, default=None, help="points of robust accuracy "
+                   "a setting must gain over the current one to replace it (default: one "
+                   "standard error of the method's robust accuracy on --attack-limit images)")
     p.add_argument("--seed", type=int, default=0, help="the defense's seed while tuning and "
                    "the attacks' base seed")
     p.add_argument("--batch", type=int, default=64, help="images per attack batch")

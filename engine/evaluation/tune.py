@@ -34,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import shlex
 import sys
 import time
@@ -63,6 +64,7 @@ from apudae_engine.method.checkpoint import (
     resolve_checkpoint,
     update_metadata,
 )
+from apudae_engine.method.checkpoint_schema import TUNED_LIMITS, validate_metadata
 from apudae_engine.method.config import TUNABLE, PurifyConfig
 from apudae_engine.method.purification import purify
 
@@ -95,6 +97,7 @@ class TuneConfig:
     draws: int = 4
     grid: tuple[tuple[str, tuple[float, ...]], ...] = DEFAULT_GRID
     max_clean_drop: float = 0.01
+    min_gain: float | None = None
     seed: int = 0
     batch_size: int = 64
     clean_batch_size: int = 250
@@ -113,12 +116,25 @@ class TuneConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
         if not 0 <= self.max_clean_drop < 1:
             raise UserError(f"--max-clean-drop must lie in [0, 1), got {self.max_clean_drop}")
+        if self.min_gain is not None and not 0 <= self.min_gain < 1:
+            raise UserError(f"--min-gain must lie in [0, 1), got {self.min_gain}")
+        if self.seed < 0:
+            raise UserError(f"--seed must be non-negative, got {self.seed}")
         for name, values in self.grid:
             if name not in TUNABLE:
                 raise UserError(f"--grid: {name!r} is not a tunable setting "
                                 f"({', '.join(TUNABLE)})")
             if not values:
                 raise UserError(f"--grid: no values for {name}")
+            low, high = TUNED_LIMITS[name]
+            for v in values:
+                if not (math.isfinite(v) and low <= v <= high) or (
+                        name == "steps" and v != int(v)):
+                    kind = "an integer" if name == "steps" else "a number"
+                    raise UserError(f"--grid: {name} must be {kind} in [{low:g}, {high:g}] "
+                                    f"(what a model's JSON may hold), got {v:g}")
+            if name == "lr" and min(values) <= 0:
+                raise UserError("--grid: lr must be positive (0 would purify nothing)")
 
     def resolved_eps(self) -> float:
         if self.eps is not None:
@@ -260,10 +276,23 @@ def method_settings() -> dict[str, float]:
     return {k: getattr(config, k) for k in TUNABLE}
 
 
-def choose(candidates: list[Candidate], baseline: Candidate, max_clean_drop: float) -> Candidate:
-    """The best candidate by the module's rule (the baseline when none is eligible)."""
+def standard_error(p: float, n: int) -> float:
+    """The binomial standard error of an accuracy p measured on n images (p kept at least
+    1/n, so that a score of 0 still asks for about one image's worth of gain)."""
+    p = min(max(p, 1 / n), 1 - 1 / n) if n > 1 else 0.5
+    return math.sqrt(p * (1 - p) / max(n, 1))
+
+
+def choose(candidates: list[Candidate], current: Candidate, baseline: Candidate,
+           max_clean_drop: float, min_gain: float) -> Candidate:
+    """The candidate the module's rule keeps: the best eligible one (clean accuracy within
+    ``max_clean_drop`` of the baseline; by robust mean, all-draws, clean, fewer steps), but
+    only when its robust mean beats ``current``'s by at least ``min_gain``; else ``current``.
+    The margin keeps a difference of an image or two on a small sample from moving the
+    defaults."""
     eligible = [c for c in candidates if c.clean >= baseline.clean - max_clean_drop - 1e-9]
-    return max(eligible or [baseline], key=Candidate.rank)
+    best = max(eligible or [current], key=Candidate.rank)
+    return best if best.robust_mean >= current.robust_mean + min_gain - 1e-9 else current
 
 
 def tune(config: TuneConfig) -> dict[str, Any]:
@@ -282,11 +311,14 @@ def tune(config: TuneConfig) -> dict[str, Any]:
         return scored[key]
 
     baseline = score(method_settings())
+    n_attack = min(c.attack_limit, len(tuner.data))
+    min_gain = (c.min_gain if c.min_gain is not None
+                else standard_error(baseline.robust_mean, n_attack))
     current = baseline
     path: list[dict[str, Any]] = []
     for name, values in c.grid:
         tried = [current] + [score({**current.settings, name: _typed(name, v)}) for v in values]
-        current = choose(tried, baseline, c.max_clean_drop)
+        current = choose(tried, current, baseline, c.max_clean_drop, min_gain)
         path.append({"setting": name, "values": list(values), "kept": current.settings[name]})
         log.info("tune: %s -> %g", name, current.settings[name])
     chosen = current
@@ -295,7 +327,11 @@ def tune(config: TuneConfig) -> dict[str, Any]:
         "data": tuner.data.source, "eps_linf": tuner.eps,
         "rule": (f"highest robust accuracy (mean over {c.draws} held-out draws) among the "
                  f"settings whose clean accuracy is at most {100 * c.max_clean_drop:g} points "
-                 "below the method's defaults; ties: all-draws, clean, fewer steps"),
+                 "below the method's defaults (ties: all-draws, clean, fewer steps), taken "
+                 f"only when it beats the current setting by at least {100 * min_gain:.2f} "
+                 "points" + (" (one standard error of the method's robust accuracy)"
+                             if c.min_gain is None else "")),
+        "min_gain": round(min_gain, 6),
         "search": path, "grid": {k: list(v) for k, v in c.grid},
         "method_defaults": asdict(baseline), "chosen": asdict(chosen),
         "candidates": [asdict(v) for v in scored.values()],
@@ -318,7 +354,7 @@ def tune(config: TuneConfig) -> dict[str, Any]:
 
 
 def _typed(name: str, value: float) -> float:
-    return int(value) if name == "steps" else float(value)
+    return int(value) if name == "steps" else float(value)  # steps checked integral above
 
 
 def write_defaults(model: str, doc: dict[str, Any], record: Path) -> Path:
@@ -329,13 +365,17 @@ def write_defaults(model: str, doc: dict[str, Any], record: Path) -> Path:
         raise UserError(f"{jpath}: the weights changed since they were tuned; tune again")
     chosen, base = doc["chosen"], doc["method_defaults"]
     tuning = {"command": doc["command"], "date": doc["date"], "data": doc["data"],
+              "dae_sha256": doc["identity"]["dae_sha256"], "mu": doc["identity"]["mu"],
+              "sigma": doc["identity"]["sigma"], "min_gain": doc["min_gain"],
               "eps_linf": doc["eps_linf"], "attack": {k: doc["identity"][k] for k in (
                   "attack", "attack_steps", "eot", "draws", "attack_limit", "clean_limit")},
               "rule": doc["rule"], "record": str(record),
               "chosen": {k: chosen[k] for k in ("clean", "robust_mean", "robust_all")},
               "method_defaults": {"settings": base["settings"], **{
                   k: base[k] for k in ("clean", "robust_mean", "robust_all")}}}
-    update_metadata(jpath, purify_defaults={"adaptive": chosen["settings"], "tuning": tuning})
-    load_checkpoint(model, "dae")  # the written JSON must load (schema, hash)
+    defaults = {"adaptive": chosen["settings"], "tuning": tuning}
+    validate_metadata({**meta, "purify_defaults": defaults}, jpath, "dae")  # before writing
+    update_metadata(jpath, purify_defaults=defaults)
+    load_checkpoint(model, "dae")  # the written JSON loads (schema, hash)
     log.info("wrote purify_defaults to %s", jpath)
     return jpath

@@ -82,6 +82,9 @@ class PurifyConfig:
         default_steps, default_lr = _METHOD_DEFAULTS[self.method]
         fill = {"steps": default_steps, "lr": default_lr, "noise_eps": NOISE_EPS,
                 "noise_max_scale": NOISE_MAX_SCALE}
+        if self.unset is not None and not set(self.unset) <= set(TUNABLE):
+            raise ValueError(f"unset may name only {', '.join(TUNABLE)}, got "
+                             f"{sorted(set(self.unset) - set(TUNABLE))}")
         missing = {k for k in TUNABLE if getattr(self, k) is None}
         object.__setattr__(self, "unset", frozenset(missing | (self.unset or set())))
         for key in missing:
@@ -109,8 +112,8 @@ class PurifyConfig:
     def compat(cls, **overrides: Any) -> PurifyConfig:
         """The authors' code behaviour: sigma forced to 0.5, no clipping to [0, 1], and the
         method's own defaults (a model's tuned values are for the corrected method)."""
-        return cls(**{"sigma_override": COMPAT_SIGMA, "clip": False, "defaults": "method",
-                      **overrides})
+        return cls(**{"sigma_override": COMPAT_SIGMA, "clip": False, **overrides,
+                      "defaults": "method"})
 
     def with_model_defaults(self, purify_defaults: Mapping[str, Any] | None) -> PurifyConfig:
         """This config with the model's tuned values (a checkpoint's ``purify_defaults``: a

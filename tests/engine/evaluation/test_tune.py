@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 
 import pytest
@@ -50,7 +51,8 @@ def test_tune_scores_on_calib_follows_its_rule_and_writes_the_model(model, tmp_p
     base = Candidate(**doc["method_defaults"])
     for c in cands:
         assert 0 <= c.robust_all <= c.robust_mean <= 1 and 0 <= c.clean <= 1
-    best_steps = choose(cands[:2], base, 0.01)
+    assert doc["min_gain"] > 0  # one standard error of the method's robust accuracy
+    best_steps = choose(cands[:2], base, base, 0.01, doc["min_gain"])
     assert [s["kept"] for s in doc["search"]] == [
         best_steps.settings["steps"], doc["chosen"]["settings"]["noise_max_scale"]]
     chosen = Candidate(**doc["chosen"])
@@ -83,20 +85,42 @@ def _cand(steps, clean, robust, robust_all=0.0):
     return Candidate(settings, clean, robust, robust, robust_all, 1.0, 1.0)
 
 
-def test_choose_takes_the_most_robust_within_the_clean_budget():
+def test_choose_takes_the_most_robust_within_the_clean_budget_and_the_margin():
     base = _cand(13, 0.90, 0.10)
     too_costly = _cand(20, 0.88, 0.50)  # 2 points below the baseline
     fine = _cand(8, 0.895, 0.20)
-    assert choose([base, too_costly, fine], base, 0.01) is fine
-    assert choose([base, too_costly, fine], base, 0.03) is too_costly
+    assert choose([base, too_costly, fine], base, base, 0.01, 0.0) is fine
+    assert choose([base, too_costly, fine], base, base, 0.03, 0.0) is too_costly
     # Ties on robustness go to clean accuracy, then to fewer steps.
-    assert choose([base, _cand(20, 0.90, 0.10)], base, 0.01).settings["steps"] == 13
+    assert choose([base, _cand(20, 0.90, 0.10)], base, base, 0.01, 0.0).settings["steps"] == 13
+    # A gain below the margin keeps the current setting.
+    assert choose([base, fine], base, base, 0.01, 0.15) is base
+    assert choose([base, fine], base, base, 0.01, 0.10) is fine
+
+
+def test_standard_error_asks_for_about_an_image_at_zero():
+    assert tuning.standard_error(0.0, 128) == pytest.approx((1 / 128 * 127 / 128 / 128) ** 0.5)
+    assert tuning.standard_error(0.0234, 128) == pytest.approx(0.01337, abs=1e-4)
+
+
+@pytest.mark.parametrize("grid, message", [
+    ((("steps", (2.5,)),), "steps must be an integer"),
+    ((("steps", (5000,)),), "steps must be an integer in [1, 1000]"),
+    ((("lr", (0.0,)),), "lr must be positive"),
+    ((("noise_max_scale", (1e5,)),), "noise_max_scale must be a number in [0, 10000]"),
+    ((("noise_eps", (float("nan"),)),), "noise_eps must be a number"),
+])
+def test_grid_values_a_model_json_may_not_hold_are_refused_up_front(grid, message):
+    from apudae_engine.core.errors import UserError
+
+    with pytest.raises(UserError, match=re.escape(message)):
+        TuneConfig(grid=grid)
 
 
 def test_grid_option_parses_fractions_and_refuses_unknown_settings():
     assert _grid("steps=8,13; lr=1/255,2/255 ;noise_cap=16") == (
         ("steps", (8.0, 13.0)), ("lr", (1 / 255, 2 / 255)), ("noise_max_scale", (16.0,)))
-    for bad in ("beta1=0.5", "steps=", "lr=a/b"):
+    for bad in ("beta1=0.5", "steps=", "lr=a/b", "lr=1/0"):
         with pytest.raises(argparse.ArgumentTypeError):
             _grid(bad)
 

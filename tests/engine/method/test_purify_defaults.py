@@ -43,6 +43,12 @@ def test_method_defaults_compat_other_methods_and_full_configs_are_untouched(con
     assert config.with_model_defaults(TUNED) == config
 
 
+def test_unset_names_only_tunable_settings():
+    with pytest.raises(ValueError, match="unset may name only"):
+        PurifyConfig(unset=frozenset({"seed"}))
+    assert PurifyConfig.compat(defaults="model").defaults == "method"
+
+
 def test_unset_fields_are_complete_and_survive_copies():
     config = PurifyConfig()
     assert (config.steps, config.noise_eps, config.noise_max_scale) == (13, 0.7 / 255, 4.0)
@@ -65,7 +71,7 @@ def test_purify_records_the_tuned_settings_and_method_defaults_keeps_the_methods
         tuned_model, tmp_path):
     runs = {}
     for name, extra in (("tuned", []), ("method", ["--method-defaults"]),
-                        ("given", ["--steps", "2", "--noise-cap", "6"])):
+                        ("given", ["--steps", "2", "--noise-cap", "6"]), ("compat", ["--compat"])):
         out = tmp_path / name
         assert main(["purify", "--input", "engine/samples", "--output", str(out),
                      "--model", str(tuned_model), "--classifier", "none", "--seed", "1",
@@ -76,5 +82,8 @@ def test_purify_records_the_tuned_settings_and_method_defaults_keeps_the_methods
     assert (runs["method"]["steps"], runs["method"]["lr"]) == (13, 2 / 255)
     assert (runs["given"]["steps"], runs["given"]["noise_max_scale"],
             runs["given"]["lr"]) == (2, 6.0, 0.01)
+    # --compat is the authors' code: their settings, never the model's tuned ones.
+    assert (runs["compat"]["steps"], runs["compat"]["lr"], runs["compat"]["defaults"],
+            runs["compat"]["sigma_override"]) == (13, 2 / 255, "method", 0.5)
     manifest = [json.loads(line) for line in (tmp_path / "tuned" / "manifest.jsonl").open()]
     assert {r["steps"] for r in manifest if "steps" in r} == {5}
