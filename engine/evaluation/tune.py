@@ -133,8 +133,6 @@ class TuneConfig:
                     kind = "an integer" if name == "steps" else "a number"
                     raise UserError(f"--grid: {name} must be {kind} in [{low:g}, {high:g}] "
                                     f"(what a model's JSON may hold), got {v:g}")
-            if name == "lr" and min(values) <= 0:
-                raise UserError("--grid: lr must be positive (0 would purify nothing)")
 
     def resolved_eps(self) -> float:
         if self.eps is not None:

@@ -29,7 +29,7 @@ ARCH_CONFIG: dict[str, dict[str, tuple[int, int]]] = {
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # Bounds of the tuned settings a JSON may carry (purify_defaults): anything outside is an
 # edited file, not a tuning result.
-TUNED_LIMITS = {"steps": (1, 1000), "lr": (0.0, 1.0), "noise_eps": (0.0, 1.0),
+TUNED_LIMITS = {"steps": (1, 200), "lr": (1e-6, 1.0), "noise_eps": (0.0, 1.0),
                 "noise_max_scale": (0.0, 1e4)}
 
 

@@ -53,4 +53,9 @@ def calibrate(dae_path: str | Path, dataset: str = "fashion-mnist", limit: int |
     update_metadata(ckpt.path, calibration=stats)
     log.info("calibrated %s on %s: mu=%.4f sigma=%.4f (n=%d)", ckpt.path, data.source,
              stats["mu"], stats["sigma"], stats["n"])
+    tuned = (ckpt.meta.get("purify_defaults") or {}).get("tuning") or {}
+    if tuned and (tuned.get("mu"), tuned.get("sigma")) != (stats["mu"], stats["sigma"]):
+        log.warning("%s keeps purify_defaults tuned for mu=%s, sigma=%s; rerun `apudae-engine "
+                    "tune --write` for this calibration", ckpt.path, tuned.get("mu"),
+                    tuned.get("sigma"))
     return stats

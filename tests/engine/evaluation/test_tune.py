@@ -105,8 +105,8 @@ def test_standard_error_asks_for_about_an_image_at_zero():
 
 @pytest.mark.parametrize("grid, message", [
     ((("steps", (2.5,)),), "steps must be an integer"),
-    ((("steps", (5000,)),), "steps must be an integer in [1, 1000]"),
-    ((("lr", (0.0,)),), "lr must be positive"),
+    ((("steps", (5000,)),), "steps must be an integer in [1, 200]"),
+    ((("lr", (0.0,)),), "lr must be a number in [1e-06, 1]"),
     ((("noise_max_scale", (1e5,)),), "noise_max_scale must be a number in [0, 10000]"),
     ((("noise_eps", (float("nan"),)),), "noise_eps must be a number"),
 ])
