@@ -41,6 +41,20 @@ class Row:
         return correct, torch.cat(self.errors), torch.cat(self.norms) if self.norms else None
 
 
+def row_arrays(row: Row, prefix: str) -> dict[str, np.ndarray]:
+    """A row's per-image outcomes as arrays keyed ``prefix/error``, ``prefix/norm``,
+    ``prefix/correct/<defense>`` and ``prefix/draws`` (part files and per_image.npz)."""
+    correct, errors, norms = row.cat()
+    arrays = {f"{prefix}/error": errors.numpy()}
+    if norms is not None:
+        arrays[f"{prefix}/norm"] = norms.numpy()
+    for d, v in correct.items():
+        arrays[f"{prefix}/correct/{d}"] = v.numpy()
+    if row.draw_correct:
+        arrays[f"{prefix}/draws"] = torch.cat(row.draw_correct).numpy()
+    return arrays
+
+
 def budget_from_dict(d: dict[str, Any]) -> AttackBudget:
     """The :class:`AttackBudget` whose ``to_dict()`` gave ``d`` (its ``per_image`` dropped)."""
     return AttackBudget(**{f.name: d[f.name] for f in fields(AttackBudget) if f.name in d})
@@ -55,14 +69,7 @@ def rows_to_part(rows: list[Row]) -> tuple[list[dict[str, Any]], dict[str, np.nd
                      "attack_seconds": row.attack_seconds,
                      "defense_seconds": row.defense_seconds,
                      "defenses": list(row.correct), "examples": list(row.examples)})
-        correct, errors, norms = row.cat()
-        arrays[f"{i}/error"] = errors.numpy()
-        if norms is not None:
-            arrays[f"{i}/norm"] = norms.numpy()
-        for d, v in correct.items():
-            arrays[f"{i}/correct/{d}"] = v.numpy()
-        if row.draw_correct:
-            arrays[f"{i}/draws"] = torch.cat(row.draw_correct).numpy()
+        arrays.update(row_arrays(row, str(i)))
         for d, v in row.examples.items():
             arrays[f"{i}/examples/{d}"] = v.numpy()
     return meta, arrays

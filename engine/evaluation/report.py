@@ -14,6 +14,7 @@ import torch
 from apudae_engine.core.errors import BackendUnavailable
 from apudae_engine.core.files import write_atomic
 from apudae_engine.evaluation.attacks import attack_class, attack_names
+from apudae_engine.evaluation.outcomes import row_arrays
 
 log = logging.getLogger(__name__)
 
@@ -341,14 +342,7 @@ def save_per_image(raw: dict[str, Any], path: Path) -> None:
     arrays = {}
     for table, rows in raw.items():
         for row in rows:
-            correct, r, norms = row.cat()
-            arrays[f"{table}/{row.name}/error"] = r.numpy()
-            if norms is not None:
-                arrays[f"{table}/{row.name}/norm"] = norms.numpy()
-            for d, v in correct.items():
-                arrays[f"{table}/{row.name}/correct/{d}"] = v.numpy()
-            if row.draw_correct:
-                arrays[f"{table}/{row.name}/draws"] = torch.cat(row.draw_correct).numpy()
+            arrays.update(row_arrays(row, f"{table}/{row.name}"))
     buf = io.BytesIO()
     np.savez_compressed(buf, **arrays)
     write_atomic(path, buf.getvalue())
