@@ -73,6 +73,8 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from apudae_engine.cli.options import add_model_data_options
+
     p = sub.add_parser(
         "evaluate", help="accuracy under attack with and without purification",
         description="Attack the classifier (oblivious) and the purifier (defense-aware), then "
@@ -85,12 +87,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "(weights, data, eps, attacks, defenses, seeds, batch sizes, steps...) "
                     "refuses parts of another; --limit, --offset, --threads, --device and "
                     "--backend may differ.")
-    p.add_argument("--model", default="fmnist", help="bundled model name or DAE checkpoint path")
-    p.add_argument("--classifier", default=None, help="classifier checkpoint (default: the one "
-                   "beside the DAE)")
-    p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist, mnist, cifar10 or "
-                   "folder:PATH")
-    p.add_argument("--data-dir", default=None)
+    add_model_data_options(p)
     p.add_argument("--split", default="test", choices=("test", "train"))
     p.add_argument("--offset", type=int, default=0, help="skip the split's first N images "
                    "(a multiple of the batch sizes), to split a long run into parts; each "

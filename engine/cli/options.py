@@ -35,6 +35,16 @@ def add_purify_options(p: argparse.ArgumentParser) -> None:
                    "bf16/fp16 are checked against fp32 on the first batch)")
 
 
+def add_model_data_options(p: argparse.ArgumentParser, dataset_note: str = "") -> None:
+    """The DAE, its classifier and the dataset, as evaluate and tune take them."""
+    p.add_argument("--model", default="fmnist", help="bundled model name or DAE checkpoint path")
+    p.add_argument("--classifier", default=None, help="classifier checkpoint (default: the one "
+                   "beside the DAE)")
+    p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist, mnist, cifar10 or "
+                   "folder:PATH" + dataset_note)
+    p.add_argument("--data-dir", default=None)
+
+
 def add_tunable_options(g) -> None:
     """The settings ``apudae-engine tune`` chooses; unset, they come from the model."""
     g.add_argument("--steps", type=int, default=None, help="optimizer steps (default: the "

@@ -60,6 +60,8 @@ def _cmd_tune(a: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from apudae_engine.cli.options import add_model_data_options
+
     p = sub.add_parser(
         "tune", help="choose the model's purification defaults with defense-aware attacks",
         description="Score settings of the adaptive method (steps, lr, noise_eps, noise cap) "
@@ -72,12 +74,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "tune.png to --out; --write stores the choice in the model's JSON as "
                     "purify_defaults (used by purify, the API and evaluate unless "
                     "--method-defaults).")
-    p.add_argument("--model", default="fmnist", help="bundled model name or DAE checkpoint path")
-    p.add_argument("--classifier", default=None, help="classifier checkpoint (default: the one "
-                   "beside the DAE)")
-    p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist, mnist, cifar10 or "
-                   "folder:PATH (its calib split is used)")
-    p.add_argument("--data-dir", default=None)
+    add_model_data_options(p, " (its calib split is used)")
     p.add_argument("--clean-limit", type=int, default=1000, help="calib images for clean "
                    "accuracy (default 1000)")
     p.add_argument("--attack-limit", type=int, default=64, help="calib images attacked per "

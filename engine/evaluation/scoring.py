@@ -70,16 +70,8 @@ class BatchScorer:
                 x = purify(pur.dae, x, pur.config, pur.mu, pur.sigma).images
         return self.classifier(x).argmax(1), x
 
-    @torch.no_grad()
     def _held_out_correct(self, pur: Purifier, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Per image, how many of ``draws`` held-out noise seeds (none seen by an attack)
-        leave ``pur``'s prediction correct: (N,) int64."""
-        count = torch.zeros(x.shape[0], dtype=torch.int64)
-        for seed in held_out_seeds(self.config.draws):
-            with ieee_fp32_convolutions(x.device):
-                xp = purify(pur.dae, x, pur.config.with_(seed=seed), pur.mu, pur.sigma).images
-            count += (self.classifier(xp).argmax(1) == y).cpu().to(torch.int64)
-        return count
+        return held_out_correct(pur, self.classifier, x, y, self.config.draws)
 
     def score(self, t: Table, g: int, start: int, stop: int, x: torch.Tensor, y: torch.Tensor,
               heartbeat=None) -> list[Row]:
@@ -116,6 +108,19 @@ class BatchScorer:
                      t.count, t_attack, time.perf_counter() - t_row - t_attack,
                      time.perf_counter() - t_start)
         return out
+
+
+@torch.no_grad()
+def held_out_correct(pur: Purifier, classifier: torch.nn.Module, x: torch.Tensor,
+                     y: torch.Tensor, draws: int) -> torch.Tensor:
+    """Per image, how many of ``draws`` held-out noise seeds (none seen by an attack) leave
+    ``pur``'s prediction correct: (N,) int64."""
+    count = torch.zeros(x.shape[0], dtype=torch.int64)
+    for seed in held_out_seeds(draws):
+        with ieee_fp32_convolutions(x.device):
+            xp = purify(pur.dae, x, pur.config.with_(seed=seed), pur.mu, pur.sigma).images
+        count += (classifier(xp).argmax(1) == y).cpu().to(torch.int64)
+    return count
 
 
 def _row_name(row: Row) -> str:

@@ -53,9 +53,8 @@ from apudae_engine.core.host import describe, resolve_device
 from apudae_engine.core.numerics import ieee_fp32_convolutions
 from apudae_engine.core.progress import progress
 from apudae_engine.evaluation.attacks import AttackSpec, attack_class, run_attack
-from apudae_engine.evaluation.attacks.aware import held_out_seeds
 from apudae_engine.evaluation.config import EPSILONS
-from apudae_engine.evaluation.scoring import SEED_STRIDE
+from apudae_engine.evaluation.scoring import SEED_STRIDE, held_out_correct
 from apudae_engine.evaluation.tune_report import markdown, plot
 from apudae_engine.images.datasets import load_dataset
 from apudae_engine.method.checkpoint import (
@@ -221,11 +220,9 @@ class Tuner:
         purifier = Purifier(self.model, self.mu, self.sigma, config)
         clean_correct = 0
         n_clean = min(c.clean_limit, len(self.data))
-        with torch.no_grad(), ieee_fp32_convolutions(self.device):
-            for start in range(0, n_clean, c.clean_batch_size):
-                x, y = self._batch(start, min(start + c.clean_batch_size, n_clean))
-                xp = purify(self.model, x, config, self.mu, self.sigma).images
-                clean_correct += int((self.classifier(xp).argmax(1) == y).sum())
+        for start in range(0, n_clean, c.clean_batch_size):
+            x, y = self._batch(start, min(start + c.clean_batch_size, n_clean))
+            clean_correct += int(self._correct(x, y, config).sum())
         n_attack = min(c.attack_limit, len(self.data))
         seed_ok = mean_ok = all_ok = 0.0
         backward, t0 = 0, time.perf_counter()
@@ -238,9 +235,8 @@ class Tuner:
                 result = run_attack(spec, self.classifier, x, y, purifier)
                 backward += result.budget.purifier_backward
                 seed_ok += float(self._correct(result.images, y, config).sum())
-                counts = torch.zeros(y.shape[0])
-                for s in held_out_seeds(c.draws):
-                    counts += self._correct(result.images, y, config.with_(seed=s)).float()
+                counts = held_out_correct(purifier, self.classifier, result.images, y,
+                                          c.draws).float()
                 mean_ok += float((counts / c.draws).sum())
                 all_ok += float((counts == c.draws).sum())
                 bar.update(y.shape[0])
