@@ -1,4 +1,4 @@
-"""Helpers shared by the Triton kernels: the noise hash, dtype rounding and launch checks.
+"""Helpers of the Triton kernels: the noise hash, dtype rounding and launch checks.
 
 Only the kernel modules import this file, so importing ``apudae_kernels`` never imports triton.
 """
@@ -69,15 +69,6 @@ def cast_to(x, dtype: tl.constexpr):
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     else:
         return x.to(dtype)
-
-
-@triton.jit
-def round_through(x, dtype: tl.constexpr):
-    """Round float32 ``x`` to ``dtype`` and back: what a native-dtype operation would store."""
-    if dtype == tl.float32:
-        return x
-    else:
-        return cast_to(x, dtype).to(tl.float32)
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,12 +18,43 @@ from ._triton_utils import (
     check_device,
     check_float_dtype,
     check_no_grad,
+    check_step,
     image_noise_key,
     noise_key_base,
     prepare,
     uniform_from_key,
 )
-from .adam_step import adam_scalars, adam_update_store
+
+
+@triton.jit
+def adam_math(
+    p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, bias2_sqrt, step_size, eps
+):
+    """The reference's Adam update on float32 values, operation for operation."""
+    m = m * beta1 + g * one_minus_beta1
+    v = v * beta2 + (g * g) * one_minus_beta2
+    # Correctly rounded sqrt and division (Triton's defaults are approximate on CUDA).
+    denom = tl.div_rn(tl.sqrt_rn(v), bias2_sqrt) + eps
+    p = p - step_size * tl.div_rn(m, denom)
+    return p, m, v
+
+
+@triton.jit
+def adam_update_store(
+    g, offs, mask, p_ptr, m_ptr, v_ptr, p_out, m_out, v_out,
+    beta1, one_minus_beta1, beta2, one_minus_beta2, bias2_sqrt, step_size, eps
+):
+    """Load the parameter and moments at ``offs``, take the Adam step with gradient ``g``
+    (float32) and store all three in their outputs' dtypes."""
+    p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=mask).to(tl.float32)
+    p, m, v = adam_math(
+        p, g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2, bias2_sqrt, step_size, eps
+    )
+    tl.store(p_out + offs, cast_to(p, p_out.dtype.element_ty), mask=mask)
+    tl.store(m_out + offs, cast_to(m, m_out.dtype.element_ty), mask=mask)
+    tl.store(v_out + offs, cast_to(v, v_out.dtype.element_ty), mask=mask)
 
 
 @triton.jit(do_not_specialize=["key_base", "step"])
@@ -80,6 +111,22 @@ def _adaptive_update_kernel(
         g, offs, mask, delta_ptr, m_ptr, v_ptr, delta_out, m_out, v_out,
         beta1, one_minus_beta1, beta2, one_minus_beta2, bias2_sqrt, step_size, eps,
     )
+
+
+def adam_scalars(step: int, lr: float, beta1: float, beta2: float, eps: float) -> dict:
+    """Kernel scalars computed in double precision as the reference does, rounded once."""
+    check_step(step)
+    bias1 = 1.0 - beta1**step
+    bias2 = 1.0 - beta2**step
+    return {
+        "beta1": float(beta1),
+        "one_minus_beta1": 1.0 - beta1,
+        "beta2": float(beta2),
+        "one_minus_beta2": 1.0 - beta2,
+        "bias2_sqrt": bias2**0.5,
+        "step_size": lr / bias1,
+        "eps": float(eps),
+    }
 
 
 def adaptive_update_triton(

@@ -1,9 +1,10 @@
 """PyTorch references for the per-step work of adaptive purification.
 
-Each function here is the specification of one Triton kernel in this package and shares its
-signature (``adam_step_ref`` <-> ``adam_step.adam_step_triton`` and so on). They are written
-without in-place updates so that autograd can differentiate through them: the reference
-purifier in ``apudae_engine`` uses them directly, and attacks differentiate through it.
+These functions specify the per-step maths. ``adaptive_update_ref`` is the spec of the Triton
+kernel ``adaptive_update.adaptive_update_triton`` and shares its signature; the compiled backend
+compiles ``adaptive_update_keyed`` as is. They are written without in-place updates so that
+autograd can differentiate through them: the reference purifier in ``apudae_engine`` uses them
+directly, and attacks differentiate through it.
 
 Noise is counter-based: the value for (seed, image id, step, element index) is a fixed integer
 hash, so it does not depend on batch size, batch composition or device, and the Triton kernel

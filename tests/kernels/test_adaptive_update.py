@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from apudae_kernels.adaptive_update import adaptive_update_triton
-from apudae_kernels.reference import adaptive_update_ref
+from apudae_kernels.reference import adaptive_update_ref, uniform_noise_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SHAPES = [(1, 1), (3, 17), (7, 784), (3, 3 * 32 * 32 + 5)]
@@ -22,10 +22,11 @@ HYPER = {
 # exactly (neither), and both clipped ends of the noise amplitude.
 R_OFFSETS = [0.7, -1.5, 10.0, 0.0, 2.5, -5.0, 0.1]
 OUTPUTS = ("x", "delta", "exp_avg", "exp_avg_sq")
-# Same reasoning and values as test_adam_step.py: float32 agrees to an ulp or two; float16 and
-# bfloat16 run in float32 and round once, and are compared with the float32 reference on the
-# same rounded inputs to one ulp of the dtype (the float16 reference itself gives NaN deltas
-# for inactive images, whose eps underflows).
+# float32 follows the reference operation for operation (no FMA, correctly rounded sqrt and
+# division), so it agrees to an ulp or two. float16 and bfloat16 run in float32 and round once,
+# and are compared with the float32 reference on the same rounded inputs to one ulp of the
+# dtype, with atol at its smallest subnormal (the float16 reference itself gives NaN deltas for
+# inactive images, whose eps (1e-8) underflows to 0).
 TOLERANCES = {
     torch.float32: {"rtol": 1e-6, "atol": 1e-6},
     torch.float16: {"rtol": 2**-10, "atol": 2**-24},
@@ -96,6 +97,36 @@ def test_low_precision_matches_float32_reference(
         got = _call(adaptive_update_triton, b, step, noise)
         _assert_close(got, _call(adaptive_update_ref, upcast, step, noise), dtype)
         assert all(torch.isfinite(t).all() for t in got)
+
+
+# (seed, step): small values, values past 2**31 / 2**32 and negatives, which all wrap to 32 bits.
+KEYS = [(0, 1), (1234, 13), (2**40 + 5, 2**33 + 3), (-7, 2**31 + 1)]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits, so that equality is bit equality (and -0.0 != 0.0)."""
+    return t.view(torch.int32 if t.element_size() == 4 else torch.int16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_noise_is_bit_identical_to_reference(shape: tuple[int, int], dtype: torch.dtype) -> None:
+    """x = 0 and an amplitude of exactly 1 (eps_n 1/4 times the clipped 4) leave x' = u: the
+    kernel's noise is the reference hash bit for bit, ids and keys wrapped to 32 bits alike."""
+    n, d = shape
+    b = _low_precision(_batch(n, d), dtype)
+    b["x"] = torch.zeros_like(b["x"])
+    b["r"] = MU + SIGMA * torch.tensor([10.0, -10.0] * n, device=DEVICE)[:n]
+    pool = torch.tensor([0, 5, 2**32 - 1, 2**33 + 1, -3, 17, 1_000_003], dtype=torch.int64)
+    b["image_ids"] = pool[:n].to(DEVICE)
+    hyper = {**HYPER, "eps_n": 0.25, "max_scale": 4.0}
+    for seed, step in KEYS:
+        x = adaptive_update_triton(
+            b["x"], b["delta"], b["grad_r"], b["exp_avg"], b["exp_avg_sq"], b["r"],
+            b["image_ids"], seed=seed, step=step, **hyper,
+        )[0]  # fmt: skip
+        want = uniform_noise_ref(seed, b["image_ids"], step, d, dtype)
+        assert torch.equal(_bits(x), _bits(want)), (seed, step)
 
 
 def test_no_noise_returns_x_itself() -> None:
