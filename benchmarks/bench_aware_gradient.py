@@ -1,5 +1,5 @@
 """The gradient through the unrolled adaptive loop: autograd's double backward against the
-JVP/VJP Hessian-vector products (``apudae_engine.evaluation.fast_gradient``), same run.
+JVP/VJP Hessian-vector products (``apudae_engine.method.fast_gradient``), same run.
 
     python benchmarks/bench_aware_gradient.py --images 32 --repeats 5 --threads 1 \\
         --out benchmarks/results/aware_gradient_cpu.json

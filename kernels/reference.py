@@ -166,16 +166,21 @@ def adaptive_update_keyed(
     beta2: float,
     eps: float,
     noise: bool = True,
+    hinge: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``adaptive_update_ref`` on (N, ...) tensors of any layout, with the step given by its
     noise ``keys`` (``step_keys``) and Adam scalars (``adam_scalars``): the form compiled and
-    exported loops use, where the step is a tensor."""
+    exported loops use, where the step is a tensor.
+
+    ``hinge=False`` takes ``grad_r`` as the finished gradient (the reference loop's autograd
+    step returns dL/dy, the hinge already applied; the iterative method has none)."""
     per_image = (x.shape[0],) + (1,) * (x.dim() - 1)
     if noise:
         amp = noise_amplitude_ref(r, mu, sigma, eps_n, max_scale).to(x.dtype)
         u = noise_from_keys(keys, x[0].numel(), x.dtype).view_as(x)
         x = x + amp.view(per_image) * u
-    grad = hinge_weight_ref(r, mu, sigma).to(grad_r.dtype).view(per_image) * grad_r
+    grad = hinge_weight_ref(r, mu, sigma).to(grad_r.dtype).view(per_image) * grad_r \
+        if hinge else grad_r
     delta, exp_avg, exp_avg_sq = adam_update_ref(
         delta, grad, exp_avg, exp_avg_sq, step_size, bias2_sqrt, beta1, beta2, eps
     )

@@ -13,6 +13,7 @@ nothing of the maths is restated here). Here both halves are compiled:
   ``apudae_kernels.adaptive_update.adaptive_update_triton``, and the fixed-shape loop of
   ``steps`` iterations is captured once per batch shape as one CUDA graph and replayed.
 
+Both run the one loop (``apudae_engine.method.loop.run_loop``) with their own step and update.
 The noise is the reference's counter-based hash keyed by (seed, image id, step), with the step
 as an int64 tensor, so every step reuses one compiled graph and the result equals the
 reference to float tolerance with the noise on.
@@ -31,7 +32,7 @@ from torch import nn
 
 from apudae_engine.backends.step_graph import StepGraph
 from apudae_engine.method.config import PurifyConfig
-from apudae_engine.method.purification import PurifyResult
+from apudae_engine.method.loop import LoopState, PurifyResult, Update, run_loop
 from apudae_kernels.reference import adam_scalars, adaptive_update_keyed, image_keys, step_keys
 
 log = logging.getLogger(__name__)
@@ -83,8 +84,8 @@ class _Residual(nn.Module):
         super().__init__()
         self.graph = graph
 
-    def forward(self, x: torch.Tensor, delta: torch.Tensor):
-        return self.graph.residual(x + delta)
+    def forward(self, y: torch.Tensor):
+        return self.graph.residual(y)
 
 
 class _Gradient(nn.Module):
@@ -119,32 +120,27 @@ class CompiledCPU:
     @torch.no_grad()
     def purify(self, x: torch.Tensor, ids: torch.Tensor, mu: float, sigma: float,
                config: PurifyConfig) -> PurifyResult:
-        update = self._update(constants(config, mu, sigma))
+        compiled = self._update(constants(config, mu, sigma))
         keys = image_keys(config.seed, ids)
-        big_x, delta = x.clone(), torch.zeros_like(x)
-        m, v = torch.zeros_like(x), torch.zeros_like(x)
-        n = x.shape[0]
-        active_steps = torch.zeros(n, dtype=torch.int64)
-        error_before = None
-        for step, step_size, bias2_sqrt in step_scalars(config, x.device):
-            _batch_dynamic(big_x, delta)
-            r, e, go, pre = self.residual(big_x, delta)
-            if error_before is None:
-                error_before = r.clone()
-            active = r > mu
-            active_steps += active
-            grad = torch.zeros_like(x)
-            idx = active.nonzero().squeeze(1)
+        scalars = step_scalars(config, x.device)
+
+        def step(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            _batch_dynamic(y)
+            r, e, go, pre = self.residual(y)
+            grad = torch.zeros_like(y)
+            idx = (r > mu).nonzero().squeeze(1)
             if idx.numel():
                 if idx.numel() == 1:  # a batch of one would recompile (size-1 specialisation)
                     idx = idx.repeat(2)
                 _batch_dynamic(idx, e, go, *pre)
                 grad.index_copy_(0, idx, self.gradient(e, go, pre, idx))
-            _batch_dynamic(big_x, delta, m, v, r, grad, keys)
-            big_x, delta, m, v = update(big_x, delta, m, v, r, grad, keys, step, step_size,
-                                        bias2_sqrt)
-        out = big_x + delta
-        return PurifyResult(out.clamp(0, 1) if config.clip else out, error_before, active_steps)
+            return r, grad
+
+        def update(t: int, s: LoopState, r: torch.Tensor, grad: torch.Tensor) -> LoopState:
+            _batch_dynamic(s.x, s.delta, s.m, s.v, r, grad, keys)
+            return LoopState(*compiled(s.x, s.delta, s.m, s.v, r, grad, keys, *scalars[t - 1]))
+
+        return run_loop(x.clone(), config.steps, mu, step, update, config.clip)
 
 
 class FixedShapeLoop:
@@ -154,9 +150,6 @@ class FixedShapeLoop:
 
     def __init__(self, step_fn, shape: torch.Size, device: torch.device, mu: float,
                  sigma: float, config: PurifyConfig, capture: bool | None = None) -> None:
-        from apudae_kernels.adaptive_update import adaptive_update_triton
-
-        self._update = adaptive_update_triton
         self.step_fn, self.mu, self.sigma, self.config = step_fn, mu, sigma, config
         self.x = torch.zeros(shape, device=device)
         self.ids = torch.zeros(shape[0], dtype=torch.int64, device=device)
@@ -187,33 +180,36 @@ class FixedShapeLoop:
             # later work must run on the caller's stream, ordered with the other threads'.
             torch.cuda.set_stream(caller)
 
-    def loop(self):
-        c = self.config
-        big_x, delta = self.x.clone(), torch.zeros_like(self.x)
-        m, v = torch.zeros_like(self.x), torch.zeros_like(self.x)
-        active_steps = torch.zeros(self.x.shape[0], dtype=torch.int64, device=self.x.device)
-        error_before = None
-        for t in range(1, c.steps + 1):
-            r, grad = self.step_fn(big_x + delta)
-            if error_before is None:
-                error_before = r.clone()
-            active_steps += r > self.mu
-            big_x, delta, m, v = self._update(
-                big_x, delta, grad, m, v, r, self.ids, c.seed, t, self.mu, self.sigma,
-                c.noise_eps, c.noise_max_scale, c.lr, c.beta1, c.beta2, c.adam_eps, c.noise,
-                inplace=True)
-        out = big_x + delta
-        return out.clamp(0, 1) if c.clip else out, error_before, active_steps
+    def loop(self) -> PurifyResult:
+        update = triton_update(self.config, self.mu, self.sigma, self.ids)
+        return run_loop(self.x.clone(), self.config.steps, self.mu, self.step_fn, update,
+                        self.config.clip)
 
     def run(self, x: torch.Tensor, ids: torch.Tensor) -> PurifyResult:
         self.x.copy_(x)
         self.ids.copy_(ids)
         if self.graph is None:
-            out, err, act = self.loop()
+            res = self.loop()
         else:
             self.graph.replay()
-            out, err, act = self.outputs
-        return PurifyResult(out.clone(), err.clone(), act.clone())
+            res = self.outputs
+        return PurifyResult(res.images.clone(), res.error_before.clone(),
+                            res.active_steps.clone())
+
+
+def triton_update(config: PurifyConfig, mu: float, sigma: float, ids: torch.Tensor) -> Update:
+    """The loop's update as the fused Triton kernel (``adaptive_update_triton``, tested against
+    ``adaptive_update_keyed``), in place on the loop's contiguous tensors."""
+    from apudae_kernels.adaptive_update import adaptive_update_triton
+
+    c = config
+
+    def update(t: int, s: LoopState, r: torch.Tensor, grad: torch.Tensor) -> LoopState:
+        return LoopState(*adaptive_update_triton(
+            s.x, s.delta, grad, s.m, s.v, r, ids, c.seed, t, mu, sigma, c.noise_eps,
+            c.noise_max_scale, c.lr, c.beta1, c.beta2, c.adam_eps, c.noise, inplace=True))
+
+    return update
 
 
 class CompiledCUDA:

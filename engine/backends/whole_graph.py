@@ -1,11 +1,10 @@
 """The whole adaptive purification as one forward-only module, for export (``export --whole``).
 
-:class:`WholePurification` unrolls the ``steps`` iterations of
-``apudae_engine.method.purification.adaptive_purify`` around the forward-only step graph
-(:class:`~apudae_engine.backends.step_graph.StepGraph`: r and dr/dy without autograd) and calls
-the kernels' references for everything else: ``adaptive_update_ref`` (counter-based noise,
-hinge weight, Adam) and ``squared_error_ref``. Nothing of the maths is
-restated here, so a runtime that loads the exported program (onnxruntime, AOTInductor from
+:class:`WholePurification` unrolls the ``steps`` iterations of the one loop
+(``apudae_engine.method.loop.run_loop``) with the forward-only step graph
+(:class:`~apudae_engine.backends.step_graph.StepGraph`: r and dr/dy without autograd) as its
+step and the reference update (``method.loop.keyed_update``: counter-based noise, hinge weight,
+Adam) with the seed as a graph input. Nothing of the maths is restated here, so a runtime that loads the exported program (onnxruntime, AOTInductor from
 C++, TensorRT) holds no copy of it.
 
 Graph signature (N dynamic)::
@@ -36,8 +35,9 @@ from torch import nn
 
 from apudae_engine.backends.step_graph import StepGraph
 from apudae_engine.method.config import PurifyConfig
+from apudae_engine.method.loop import calibration, keyed_update, run_loop
 from apudae_engine.method.purification import image_fingerprint
-from apudae_kernels.reference import adaptive_update_ref, squared_error_ref
+from apudae_kernels.reference import squared_error_ref
 
 INPUT_NAMES = ["images", "image_ids", "seed"]
 OUTPUT_NAMES = ["purified", "r_before", "r_after", "active_steps", "flagged"]
@@ -63,12 +63,9 @@ class WholePurification(nn.Module):
         if config.method != "adaptive":
             raise ValueError(f"the whole-loop graph implements the adaptive method, got "
                              f"{config.method!r}")
-        if mu is None or sigma is None:
-            raise ValueError("the whole-loop graph needs the DAE's calibration (mu, sigma)")
         self.step = StepGraph(dae, torch.float32).eval()
         self.config = config.with_secret_seed()  # the artifact's default seed
-        self.mu = float(mu)
-        self.sigma = float(config.sigma_override or sigma)
+        self.mu, self.sigma = calibration(config, mu, sigma)
         self.flag_threshold = float(flag_threshold)
         self.classifier = None if classifier is None else classifier.eval()
 
@@ -82,24 +79,11 @@ class WholePurification(nn.Module):
 
     def forward(self, images: torch.Tensor, image_ids: torch.Tensor, seed: torch.Tensor):
         c = self.config
-        shape = images.shape
         ids = torch.where(image_ids < 0, image_fingerprint(images), image_ids)
         seed = torch.where(seed < 0, torch.full_like(seed, c.seed), seed)
-        x = images.flatten(1)
-        delta, m, v = torch.zeros_like(x), torch.zeros_like(x), torch.zeros_like(x)
-        active = torch.zeros_like(ids)
-        r_before = None
-        for t in range(1, c.steps + 1):
-            r, grad_r = self.step((x + delta).reshape(shape))
-            if r_before is None:
-                r_before = r
-            active = active + (r > self.mu).to(torch.int64)
-            x, delta, m, v = adaptive_update_ref(
-                x, delta, grad_r.flatten(1), m, v, r, ids, seed, t, self.mu, self.sigma,
-                c.noise_eps, c.noise_max_scale, c.lr, c.beta1, c.beta2, c.adam_eps, c.noise)
-        out = (x + delta).reshape(shape)
-        if c.clip:
-            out = out.clamp(0.0, 1.0)
+        update = keyed_update(c, self.mu, self.sigma, ids, hinge=True, seed=seed)
+        res = run_loop(images, c.steps, self.mu, self.step, update, c.clip)
+        out, r_before, active = res.images, res.error_before, res.active_steps
         r_after = squared_error_ref(out, self.step.net(out))
         flagged = r_before > self.flag_threshold
         outputs = (out, r_before, r_after, active, flagged)

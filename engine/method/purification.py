@@ -12,34 +12,23 @@ every Adam step and DAE pass (the defense-aware attacks use this).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from apudae_engine.method.config import PurifyConfig
-from apudae_kernels.reference import (
-    MASK32,
-    adam_step_ref,
-    mix32,
-    noise_amplitude_ref,
-    squared_error_ref,
-    uniform_noise_ref,
+from apudae_engine.method.loop import (
+    PurifyResult,
+    Step,
+    calibration,
+    keyed_update,
+    run_loop,
 )
+from apudae_kernels.reference import MASK32, mix32, squared_error_ref
 
-
-@dataclass
-class PurifyResult:
-    """Purified images (N, C, H, W) and per-image statistics of the run.
-
-    ``error_before`` is r(x) of the input; ``active_steps`` counts the steps at which the
-    hinge was active (r > mu), i.e. steps that moved the image by gradient (direct and
-    iterative methods count every step).
-    """
-
-    images: torch.Tensor
-    error_before: torch.Tensor
-    active_steps: torch.Tensor
+__all__ = ["PurifyResult", "adaptive_purify", "direct_purify", "image_fingerprint",
+           "iterative_purify", "purify", "reconstruction_error", "reconstruction_errors"]
 
 
 def reconstruction_error(dae: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -81,34 +70,32 @@ def direct_purify(dae: nn.Module, x: torch.Tensor, config: PurifyConfig) -> Puri
     return PurifyResult(out, r.detach(), torch.zeros_like(r, dtype=torch.int64))
 
 
-def _input_gradient(loss: torch.Tensor, y: torch.Tensor, differentiable: bool) -> torch.Tensor:
-    (g,) = torch.autograd.grad(loss, y, create_graph=differentiable)
-    return g
+def autograd_step(dae: nn.Module, loss: Callable[[torch.Tensor], torch.Tensor],
+                  differentiable: bool) -> Step:
+    """The reference's step: y -> (r(y), dL/dy) by autograd, with L = ``loss(r)`` summed over
+    the batch. ``differentiable`` keeps the graph (double backward for attacks); otherwise
+    neither output carries one."""
+
+    def step(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.enable_grad():
+            if not differentiable:
+                y = y.detach().requires_grad_(True)
+            r = squared_error_ref(y, dae(y))
+            (g,) = torch.autograd.grad(loss(r), y, create_graph=differentiable)
+        return r.detach(), g
+
+    return step
 
 
 def iterative_purify(
     dae: nn.Module, x: torch.Tensor, config: PurifyConfig, differentiable: bool = False
 ) -> PurifyResult:
     """Variant B: ``steps`` Adam steps on delta lowering sum_batch r(x + delta)."""
-    delta = torch.zeros_like(x)
-    m, v = torch.zeros_like(x), torch.zeros_like(x)
-    error_before = None
-    for t in range(1, config.steps + 1):
-        with torch.enable_grad():
-            y = x + delta
-            if not differentiable:
-                y = y.detach().requires_grad_(True)
-            r = squared_error_ref(y, dae(y))
-            g = _input_gradient(r.sum(), y, differentiable)
-        if error_before is None:
-            error_before = r.detach()
-        delta, m, v = adam_step_ref(delta, g, m, v, t, config.lr, config.beta1, config.beta2,
-                                    config.adam_eps)
-        if not differentiable:
-            delta, m, v = delta.detach(), m.detach(), v.detach()
-    out = x + delta
-    steps = torch.full_like(error_before, config.steps, dtype=torch.int64)
-    return PurifyResult(out.clamp(0, 1) if config.clip else out, error_before, steps)
+    if not differentiable:
+        x = x.detach()
+    step = autograd_step(dae, torch.sum, differentiable)
+    update = keyed_update(config, None, None, torch.zeros(0, dtype=torch.int64), hinge=False)
+    return run_loop(x, config.steps, None, step, update, config.clip)
 
 
 def adaptive_purify(
@@ -120,7 +107,8 @@ def adaptive_purify(
     image_ids: torch.Tensor | None = None,
     differentiable: bool = False,
 ) -> PurifyResult:
-    """Variant C, APuDAE. For t = 1..T, with X = x and delta = 0 at the start:
+    """Variant C, APuDAE (``method.loop``): for t = 1..T, with X = x and delta = 0 at the
+    start:
 
     y = X + delta; r = r(y); a = eps_n * clip(((r - mu) / (2 sigma))^2, 0, max_scale)
     (no gradient); X += a * U with U uniform in [-1, 1) keyed by (seed, image id, t);
@@ -136,41 +124,25 @@ def adaptive_purify(
         differentiable: keep the graph through every step (for attacks); slower.
     """
     config.require_seed()
-    if config.sigma_override is not None:
-        sigma = config.sigma_override
+    mu, sigma = calibration(config, mu, sigma)
+    ids = checked_image_ids(x, image_ids)
+    if not differentiable:
+        x = x.detach()
+    step = autograd_step(dae, lambda r: (torch.clamp(r - mu, min=0.0) ** 2).sum()
+                         / (sigma * sigma), differentiable)
+    update = keyed_update(config, mu, sigma, ids, hinge=False)
+    return run_loop(x, config.steps, mu, step, update, config.clip)
+
+
+def checked_image_ids(x: torch.Tensor, image_ids: torch.Tensor | None) -> torch.Tensor:
+    """(N,) int64 noise identities on ``x``'s device: ``image_ids``, or the pixel fingerprints
+    of ``x`` when None; a ValueError when the shape is not (N,)."""
     n = x.shape[0]
-    if image_ids is None:
-        image_ids = image_fingerprint(x)
-    image_ids = image_ids.to(device=x.device, dtype=torch.int64)
-    if image_ids.shape != (n,):
-        raise ValueError(f"image_ids must have shape ({n},), got {tuple(image_ids.shape)}")
-    numel = x[0].numel()
-    big_x, delta = x, torch.zeros_like(x)
-    m, v = torch.zeros_like(x), torch.zeros_like(x)
-    error_before = None
-    active = torch.zeros(n, dtype=torch.int64, device=x.device)
-    for t in range(1, config.steps + 1):
-        with torch.enable_grad():
-            y = big_x + delta
-            if not differentiable:
-                y = y.detach().requires_grad_(True)
-            r = squared_error_ref(y, dae(y))
-            loss = (torch.clamp(r - mu, min=0.0) ** 2).sum() / (sigma * sigma)
-            g = _input_gradient(loss, y, differentiable)
-        r_now = r.detach()
-        if error_before is None:
-            error_before = r_now
-        active += (r_now > mu).to(torch.int64)
-        if config.noise:
-            amp = noise_amplitude_ref(r_now, mu, sigma, config.noise_eps, config.noise_max_scale)
-            u = uniform_noise_ref(config.seed, image_ids, t, numel, x.dtype).view_as(x)
-            big_x = big_x + amp.to(x.dtype).view(n, 1, 1, 1) * u
-        delta, m, v = adam_step_ref(delta, g, m, v, t, config.lr, config.beta1, config.beta2,
-                                    config.adam_eps)
-        if not differentiable:
-            big_x, delta, m, v = big_x.detach(), delta.detach(), m.detach(), v.detach()
-    out = big_x + delta
-    return PurifyResult(out.clamp(0, 1) if config.clip else out, error_before, active)
+    ids = image_fingerprint(x) if image_ids is None else image_ids
+    ids = ids.to(device=x.device, dtype=torch.int64)
+    if ids.shape != (n,):
+        raise ValueError(f"image_ids must have shape ({n},), got {tuple(ids.shape)}")
+    return ids
 
 
 def purify(
@@ -187,7 +159,4 @@ def purify(
         return direct_purify(dae, x, config)
     if config.method == "iterative":
         return iterative_purify(dae, x, config, differentiable=differentiable)
-    if mu is None or sigma is None:
-        raise ValueError("adaptive purification needs calibration statistics mu and sigma; "
-                         "run `apudae-engine calibrate` on the DAE checkpoint")
     return adaptive_purify(dae, x, mu, sigma, config, image_ids, differentiable=differentiable)

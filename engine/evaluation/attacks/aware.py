@@ -36,10 +36,10 @@ def purified_logits(classifier: nn.Module, purifier: Purifier, x: torch.Tensor, 
 
     ``gradient`` (with ``differentiable``): ``autograd`` differentiates the reference loop
     (double backward through every step); ``hvp`` takes each step's Hessian-vector product as
-    one JVP and one VJP through the DAE (:mod:`apudae_engine.evaluation.fast_gradient`, exact
+    one JVP and one VJP through the DAE (:mod:`apudae_engine.method.fast_gradient`, exact
     for a piecewise-linear DAE); ``auto`` uses ``hvp`` where it is exact.
     """
-    from apudae_engine.evaluation.fast_gradient import adaptive_purify_hvp, piecewise_linear
+    from apudae_engine.method.fast_gradient import adaptive_purify_hvp, piecewise_linear
     from apudae_engine.method.purification import purify
 
     cfg = purifier.config.with_(seed=seed)

@@ -21,12 +21,12 @@ exactly 0. There, H = 2 (I - J)^T (I - J), so
 
 one Jacobian-vector product (forward mode) and one vector-Jacobian product through the DAE at
 y. w'(r) = 2 / sigma^2 where r > mu, else 0 (the hinge's kink at r = mu is measure zero too).
-The noise amplitude takes r without gradient (METHOD.md), so no other path leads through r.
+The noise amplitude takes r without gradient (docs/method.md), so no other path leads through r.
 
-:func:`adaptive_purify_hvp` is the reference loop (``method/purification.py``) with the step's
-gradient taken by :class:`HingeGradient`, whose backward is the formula above. It equals the
+:func:`adaptive_purify_hvp` runs the one loop (``method/loop.py``) with the step's gradient
+taken by :class:`HingeGradient`, whose backward is the formula above. It equals the
 reference's gradient wherever the DAE is piecewise linear (checked against autograd in float64
-in ``tests/engine/evaluation/test_fast_gradient.py``); for a DAE with smooth activations it
+in ``tests/engine/method/test_fast_gradient.py``); for a DAE with smooth activations it
 would drop the curvature term, so :func:`piecewise_linear` guards its use.
 
 Example::
@@ -41,14 +41,9 @@ import torch
 from torch import nn
 
 from apudae_engine.method.config import PurifyConfig
-from apudae_engine.method.purification import image_fingerprint
-from apudae_kernels.reference import (
-    adam_step_ref,
-    hinge_weight_ref,
-    noise_amplitude_ref,
-    squared_error_ref,
-    uniform_noise_ref,
-)
+from apudae_engine.method.loop import calibration, keyed_update, run_loop
+from apudae_engine.method.purification import checked_image_ids
+from apudae_kernels.reference import hinge_weight_ref, squared_error_ref
 
 # Modules after which D stays piecewise linear (BatchNorm only in eval mode).
 _PIECEWISE_LINEAR = (nn.Conv2d, nn.ConvTranspose2d, nn.ReLU, nn.BatchNorm2d, nn.Identity,
@@ -119,31 +114,21 @@ class HingeGradient(torch.autograd.Function):
 def adaptive_purify_hvp(dae: nn.Module, x: torch.Tensor, mu: float, sigma: float,
                         config: PurifyConfig, image_ids: torch.Tensor | None = None
                         ) -> torch.Tensor:
-    """The adaptive (or iterative) loop of ``method/purification.py``, differentiable through
-    :class:`HingeGradient` instead of double backward: purified images (N, C, H, W).
+    """The adaptive (or iterative) loop of ``method/loop.py`` with :class:`HingeGradient` as
+    its step, differentiable without double backward: purified images (N, C, H, W).
 
     Same arguments as ``adaptive_purify``; ``config.method`` must be ``adaptive`` or
     ``iterative``. Forward values equal the reference's (the same ops in the same order).
     """
-    hinge = config.method == "adaptive"
     if config.method not in ("adaptive", "iterative"):
         raise ValueError(f"no loop to differentiate for method {config.method!r}")
-    if config.sigma_override is not None:
-        sigma = config.sigma_override
-    n, numel = x.shape[0], x[0].numel()
-    noise = hinge and config.noise
-    if noise:
-        ids = image_fingerprint(x) if image_ids is None else image_ids
-        ids = ids.to(device=x.device, dtype=torch.int64)
-    big_x, delta = x, torch.zeros_like(x)
-    m, v = torch.zeros_like(x), torch.zeros_like(x)
-    for t in range(1, config.steps + 1):
-        g, r = HingeGradient.apply(big_x + delta, dae, mu, sigma, hinge)
-        if noise:
-            amp = noise_amplitude_ref(r, mu, sigma, config.noise_eps, config.noise_max_scale)
-            u = uniform_noise_ref(config.seed, ids, t, numel, x.dtype).view_as(x)
-            big_x = big_x + amp.to(x.dtype).view(n, 1, 1, 1) * u
-        delta, m, v = adam_step_ref(delta, g, m, v, t, config.lr, config.beta1, config.beta2,
-                                    config.adam_eps)
-    out = big_x + delta
-    return out.clamp(0, 1) if config.clip else out
+    hinge = config.method == "adaptive"
+    mu, sigma = calibration(config, mu, sigma)
+    ids = checked_image_ids(x, image_ids) if hinge and config.noise else image_ids
+
+    def step(y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        g, r = HingeGradient.apply(y, dae, mu, sigma, hinge)
+        return r, g
+
+    update = keyed_update(config, mu, sigma, ids, hinge=False)
+    return run_loop(x, config.steps, mu if hinge else None, step, update, config.clip).images

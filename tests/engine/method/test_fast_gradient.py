@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from apudae_engine.evaluation.fast_gradient import (
+from apudae_engine.method.fast_gradient import (
     HingeGradient,
     adaptive_purify_hvp,
     piecewise_linear,
