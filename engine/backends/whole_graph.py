@@ -4,7 +4,8 @@
 (``apudae_engine.method.loop.run_loop``) with the forward-only step graph
 (:class:`~apudae_engine.backends.step_graph.StepGraph`: r and dr/dy without autograd) as its
 step and the reference update (``method.loop.keyed_update``: counter-based noise, hinge weight,
-Adam) with the seed as a graph input. Nothing of the maths is restated here, so a runtime that loads the exported program (onnxruntime, AOTInductor from
+Adam) with the seed as a graph input. Nothing of the maths is restated here, so a runtime that
+loads the exported program (onnxruntime, AOTInductor from
 C++, TensorRT) holds no copy of it.
 
 Graph signature (N dynamic)::

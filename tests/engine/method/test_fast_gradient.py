@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
+from apudae_engine.method.config import PurifyConfig
 from apudae_engine.method.fast_gradient import (
     HingeGradient,
     adaptive_purify_hvp,
     piecewise_linear,
 )
-from apudae_engine.method.config import PurifyConfig
 from apudae_engine.method.models import REDNet
 from apudae_engine.method.purification import adaptive_purify, iterative_purify
 
