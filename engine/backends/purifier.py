@@ -28,7 +28,8 @@ class Purifier(nn.Module):
 
     Args:
         dae: the denoising autoencoder (put in eval mode; its parameters are frozen).
-        mu, sigma: calibration statistics of the reconstruction error on clean data.
+        mu: mean of the reconstruction error on clean calibration data.
+        sigma: its standard deviation.
         config: purification settings (method, steps, noise, seed, ...). Without a seed the
             module draws a secret one (``config.seed`` then holds it): an attacker who knows
             the code cannot compute the noise. Give ``PurifyConfig(seed=...)`` to reproduce.

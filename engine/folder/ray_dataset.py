@@ -68,8 +68,9 @@ class PurifyBatches:
     """A callable class for ``Dataset.map_batches``: each actor loads the model once.
 
     Args:
-        model, config, device, backend, precision: as for :meth:`Purifier.from_pretrained`
-            (``device="auto"`` takes the actor's GPU when Ray gave it one).
+        model: the DAE, as for :meth:`Purifier.from_pretrained`; so are ``config``,
+            ``device``, ``backend`` and ``precision`` (``device="auto"`` takes the actor's
+            GPU when Ray gave it one).
         classifier: None for the model's bundled classifier, ``"none"`` to skip, or a path;
             with one, labels before and after are added.
         root: paths in the ``path`` column are taken relative to it for the noise identity.
@@ -265,7 +266,8 @@ def purify_dataset(ds: Dataset, model: str | Path = "fmnist", config: PurifyConf
         batch_size: rows per call (per model forward).
         concurrency: actors: ``n`` for a fixed pool, ``(min, max)`` to autoscale, None for
             Ray's default (1 to as many as the cluster has room for).
-        num_gpus, num_cpus: resources per actor (Ray's defaults when None/0).
+        num_gpus: GPUs per actor (Ray's default when None/0).
+        num_cpus: CPUs per actor (Ray's default when None/0).
     Example: ``purify_dataset(ray.data.read_images(DIR, include_paths=True), root=DIR)``.
     """
     ray = import_ray()

@@ -7,7 +7,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-METHODS = ("adaptive", "iterative", "direct")
+from apudae_engine.core.choices import METHODS
+
 # Defaults from the authors' code (docs/method.md): adaptive T=13, lr=2/255; iterative 12, 1/255.
 _METHOD_DEFAULTS = {"adaptive": (13, 2.0 / 255), "iterative": (12, 1.0 / 255), "direct": (0, 0.0)}
 NOISE_EPS, NOISE_MAX_SCALE = 0.7 / 255, 4.0  # the method's noise unit and amplitude cap
@@ -28,7 +29,9 @@ class PurifyConfig:
             13 adaptive, 12 iterative).
         lr: Adam learning rate; None takes the default (the method's: 2/255 adaptive, 1/255
             iterative).
-        beta1, beta2, adam_eps: Adam constants (torch defaults).
+        beta1: Adam's first-moment decay (torch's default).
+        beta2: Adam's second-moment decay (torch's default).
+        adam_eps: Adam's denominator epsilon (torch's default).
         noise: add the adaptive method's per-image noise (off makes it deterministic).
         noise_eps: eps_n, the noise amplitude unit; None takes the default (0.7/255).
         noise_max_scale: upper clip of ((r - mu) / (2 sigma))^2; None takes the default (4).
