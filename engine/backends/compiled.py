@@ -22,7 +22,10 @@ reference to float tolerance with the noise on.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
+import os
+import shutil
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -51,6 +54,41 @@ class UpdateConstants:
     beta2: float
     eps: float
     noise: bool
+
+
+def _cxx_compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("clang++")
+
+
+def cpu_bf16_supported() -> bool:
+    """Whether oneDNN runs bfloat16 convolutions natively here (AVX512-BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def unavailable_reason(device: torch.device, precision: str) -> str | None:
+    """None when the compiled backend runs on ``device`` in ``precision``, else why not and
+    the fix, as one sentence."""
+    if device.type == "cpu":
+        if _cxx_compiler() is None:
+            return ("torch.compile on the CPU needs a C++ compiler and none is on PATH; "
+                    "install g++ (apt-get install g++) or use --backend reference")
+        if precision == "fp16":
+            return "fp16 convolutions are not fast on the CPU; use --precision bf16 or fp32"
+        if precision == "bf16" and not cpu_bf16_supported():
+            return ("this CPU has no native bfloat16 convolutions (AVX512-BF16 or AMX); "
+                    "use --precision fp32")
+        return None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "no CUDA device is visible to PyTorch; use --device cpu"
+        if importlib.util.find_spec("triton") is None:
+            return ("the compiled backend on CUDA needs triton; "
+                    "pip install 'apudae-engine[triton]'")
+        return None
+    return f"the compiled backend runs on cpu and cuda, not on {device.type}"
 
 
 def adaptive_update(x, delta, m, v, r, grad_r, keys, step, step_size, bias2_sqrt,

@@ -15,7 +15,13 @@ small-job rule, the autograd path for attacks, and the fallback to the reference
 chose a compiled engine that then fails to build. ``Purifier`` and the folder runs ask
 :func:`get_backend`; each backend reports what actually ran (:meth:`OptimizedBackend.report`).
 
-Nothing is chosen or imported at import time. Reduced precision (``bf16``, ``fp16``) is opt-in
+Backends are a registry (``core.choices.BACKEND_MODULES``: a name and the module that
+provides ``unavailable_reason`` and ``engine_for``); nothing is chosen or imported at import
+time. A run on a non-reference backend checks its first images against the reference
+(``backends.parity.first_batch_check``), records the difference in its report and falls back
+to the reference, with one warning, when it is beyond ``apudae-engine verify``'s tolerance.
+
+Reduced precision (``bf16``, ``fp16``) is opt-in
 for the compiled and tensorrt backends and gated by a parity check against float32 on the
 first batch; ``apudae-engine verify`` reports the end-to-end differences.
 
@@ -28,30 +34,36 @@ Example::
 from __future__ import annotations
 
 import functools
-import importlib.util
+import importlib
 import logging
-import os
-import shutil
 import weakref
 from typing import Protocol
 
 import torch
 from torch import nn
 
+from apudae_engine.backends.parity import (
+    FIRST_BATCH_IMAGES,
+    check_precision_parity,
+    first_batch_check,
+)
+from apudae_engine.backends.reference import ReferenceBackend
+from apudae_engine.core.choices import BACKEND_CHOICES, BACKEND_MODULES, BACKENDS
+from apudae_engine.core.choices import PRECISIONS as PRECISION_NAMES
 from apudae_engine.core.errors import BackendUnavailable, UserError
 from apudae_engine.core.numerics import ieee_fp32_convolutions
 from apudae_engine.method.config import PurifyConfig
-from apudae_engine.method.purification import PurifyResult, image_fingerprint, purify
+from apudae_engine.method.loop import PurifyResult, calibration
+from apudae_engine.method.purification import checked_image_ids
 
+__all__ = ["BACKENDS", "CHOICES", "PRECISIONS", "Backend", "OptimizedBackend",
+           "ReferenceBackend", "backend_for_job", "check_precision_parity", "get_backend",
+           "resolve_backend", "unavailable_reason"]
 log = logging.getLogger(__name__)
 
-BACKENDS = ("reference", "compiled", "tensorrt")
-CHOICES = ("auto", *BACKENDS)
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# Reduced precision must keep the step close to float32 on the first batch (up to 64 images):
-# the median relative error of r and the mean cosine similarity of dr/dy against the float32
-# graph (typical bf16 values for the fmnist DAE: 0.3 % and 0.996).
-PARITY = {"r_rel_err_median": 0.01, "grad_cosine_mean": 0.98}
+CHOICES = BACKEND_CHOICES
+PRECISIONS = dict(zip(PRECISION_NAMES, (torch.float32, torch.bfloat16, torch.float16),
+                      strict=True))
 # ``auto`` compiles only for jobs at least this large. Compiling costs about 6 s on the CPU even
 # with warm caches, and the compiled loop is about 2.5x the reference's ~100 img/s there, so it
 # pays from roughly 1,000 images on (benchmarks/results/small_job_compile_cpu.md).
@@ -75,57 +87,19 @@ class Backend(Protocol):
         ...
 
 
-def _cxx_compiler() -> str | None:
-    return shutil.which(os.environ.get("CXX", "g++")) or shutil.which("clang++")
-
-
-def cpu_bf16_supported() -> bool:
-    """Whether oneDNN runs bfloat16 convolutions natively here (AVX512-BF16 or AMX)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+def _module(name: str):
+    return importlib.import_module(BACKEND_MODULES[name])
 
 
 def unavailable_reason(name: str, device: str | torch.device = "cpu",
                        precision: str = "fp32") -> str | None:
     """None when backend ``name`` can run on ``device`` in ``precision``, else why not and
-    the fix, as one sentence."""
-    device = torch.device(device)
+    the fix, as one sentence (each backend's module says, see ``core.choices``)."""
     if precision not in PRECISIONS:
         return f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}"
-    if name == "reference":
-        if precision != "fp32":
-            return ("the reference backend is the float32 specification; use --precision fp32 "
-                    "or --backend compiled")
-        return None
-    if name == "compiled":
-        if device.type == "cpu":
-            if _cxx_compiler() is None:
-                return ("torch.compile on the CPU needs a C++ compiler and none is on PATH; "
-                        "install g++ (apt-get install g++) or use --backend reference")
-            if precision == "fp16":
-                return "fp16 convolutions are not fast on the CPU; use --precision bf16 or fp32"
-            if precision == "bf16" and not cpu_bf16_supported():
-                return ("this CPU has no native bfloat16 convolutions (AVX512-BF16 or AMX); "
-                        "use --precision fp32")
-            return None
-        if device.type == "cuda":
-            if not torch.cuda.is_available():
-                return "no CUDA device is visible to PyTorch; use --device cpu"
-            if importlib.util.find_spec("triton") is None:
-                return ("the compiled backend on CUDA needs triton; "
-                        "pip install 'apudae-engine[triton]'")
-            return None
-        return f"the compiled backend runs on cpu and cuda, not on {device.type}"
-    if name == "tensorrt":
-        if device.type != "cuda" or not torch.cuda.is_available():
-            return "the tensorrt backend needs an NVIDIA GPU; use --device cuda on a GPU machine"
-        if importlib.util.find_spec("torch_tensorrt") is None:
-            return (f"torch_tensorrt is not installed; install the torch-tensorrt release "
-                    f"built for your torch {torch.__version__}, or use --backend compiled")
-        return None
-    return f"unknown backend {name!r}; choose one of {', '.join(CHOICES)}"
+    if name not in BACKEND_MODULES:
+        return f"unknown backend {name!r}; choose one of {', '.join(CHOICES)}"
+    return _module(name).unavailable_reason(torch.device(device), precision)
 
 
 def resolve_backend(name: str, device: str | torch.device = "cpu",
@@ -172,68 +146,59 @@ def backend_for_job(name: str, precision: str, n_images: int,
 
 
 def get_backend(name: str = "auto", device: str | torch.device = "cpu",
-                precision: str = "fp32", differentiable: bool = False) -> Backend:
+                precision: str = "fp32", differentiable: bool = False,
+                check: bool = True) -> Backend:
     """The backend object for ``name`` on ``device`` (cached; ``auto`` resolved here).
 
     ``differentiable=True`` (attacks that take gradients through the loop) always gives the
-    reference: it is the only path that keeps the loop on the autograd graph.
+    reference: it is the only path that keeps the loop on the autograd graph. ``check``: a
+    non-reference backend checks its first batch against the reference and falls back to it
+    beyond tolerance (``verify`` and ``bench`` measure the backend itself and turn it off).
     """
     device = torch.device(device)
     if differentiable:
         return _make_backend("reference", str(device), "fp32")
     resolved = resolve_backend(name, device, precision)
-    return _make_backend(resolved, str(device), precision, name == "auto")
+    return _make_backend(resolved, str(device), precision, name == "auto", check)
 
 
 @functools.cache
-def _make_backend(name: str, device: str, precision: str, fallback: bool = False) -> Backend:
+def _make_backend(name: str, device: str, precision: str, fallback: bool = False,
+                  check: bool = True) -> Backend:
     if name == "reference":
         return ReferenceBackend()
-    return OptimizedBackend(name, torch.device(device), precision, fallback)
-
-
-class ReferenceBackend:
-    """Eager PyTorch with autograd: ``method.purification.purify``, in IEEE float32."""
-
-    name, precision = "reference", "fp32"
-
-    def purify(self, dae, x, mu, sigma, config, image_ids=None,
-               differentiable: bool = False) -> PurifyResult:
-        with ieee_fp32_convolutions(x.device):
-            if differentiable:
-                return purify(dae, x, config, mu, sigma, image_ids, True)
-            with torch.no_grad():
-                return purify(dae, x, config, mu, sigma, image_ids)
-
-    def report(self) -> dict:
-        """What ran: ``{"backend", "precision", "fallback"}`` (see OptimizedBackend.report)."""
-        return {"backend": self.name, "precision": self.precision, "fallback": None}
+    return OptimizedBackend(name, torch.device(device), precision, fallback, check)
 
 
 class OptimizedBackend:
-    """``compiled`` or ``tensorrt``: the adaptive method runs through a compiled engine; the
-    direct and iterative methods run the reference (they are not the hot path)."""
+    """A non-reference backend (``compiled``, ``tensorrt``): the adaptive method runs through
+    its module's compiled engine (``engine_for``); the direct and iterative methods run the
+    reference (they are not the hot path).
+
+    The first batch of each DAE is checked against the reference on its first
+    ``FIRST_BATCH_IMAGES`` images (``check``); beyond ``apudae-engine verify``'s tolerance the
+    backend logs one warning and runs the reference from then on. ``fallback`` (``auto``'s
+    choice) also falls back when the engine fails to build.
+    """
 
     def __init__(self, name: str, device: torch.device, precision: str,
-                 fallback: bool = False) -> None:
+                 fallback: bool = False, check: bool = True) -> None:
         self.name, self.device, self.precision = name, device, precision
         self.dtype = PRECISIONS[precision]
         self.fallback = fallback  # chosen by auto: if compiling fails, run the reference
+        self.check = check
         self.failed: str | None = None
+        self.first_batch: dict | None = None  # the first-batch check's record
         self._gated: weakref.WeakSet = weakref.WeakSet()  # DAEs that passed the parity check
+        self._checked: weakref.WeakSet = weakref.WeakSet()  # DAEs whose first batch was checked
 
     def report(self) -> dict:
-        """What ran: this backend, or the reference with the reason it fell back to it."""
+        """What ran: this backend, or the reference with the reason it fell back to it, and
+        the first-batch check (``first_batch_check``, None before a checked batch)."""
+        out = {"backend": self.name, "precision": self.precision, "fallback": None}
         if self.failed:
-            return {"backend": "reference", "precision": "fp32", "fallback": self.failed}
-        return {"backend": self.name, "precision": self.precision, "fallback": None}
-
-    def _engine(self, dae: nn.Module):
-        if self.name == "tensorrt":
-            from apudae_engine.backends.tensorrt import engine_for
-        else:
-            from apudae_engine.backends.compiled import engine_for
-        return engine_for(dae, self.device, self.dtype)
+            out = {"backend": "reference", "precision": "fp32", "fallback": self.failed}
+        return {**out, "first_batch_check": self.first_batch}
 
     def purify(self, dae, x, mu, sigma, config, image_ids=None) -> PurifyResult:
         # fp32 is IEEE float32 on GPUs too (see ieee_fp32_convolutions); this also holds for
@@ -242,29 +207,20 @@ class OptimizedBackend:
             return self._purify(dae, x, mu, sigma, config, image_ids)
 
     def _purify(self, dae, x, mu, sigma, config, image_ids=None) -> PurifyResult:
+        reference = ReferenceBackend()
         if self.failed:
-            return ReferenceBackend().purify(dae, x, mu, sigma, config, image_ids)
+            return reference.purify(dae, x, mu, sigma, config, image_ids)
         if config.method != "adaptive":
-            key = ("method", config.method, self.name)
-            if key not in _logged:
-                _logged.add(key)
-                log.info("the %s backend optimises the adaptive method; %s runs the reference",
-                         self.name, config.method)
-            return ReferenceBackend().purify(dae, x, mu, sigma, config, image_ids)
+            _log_once(("method", config.method, self.name), logging.INFO,
+                      "the %s backend optimises the adaptive method; %s runs the reference",
+                      self.name, config.method)
+            return reference.purify(dae, x, mu, sigma, config, image_ids)
         config.require_seed()
-        if mu is None or sigma is None:
-            raise UserError("adaptive purification needs calibration statistics mu and sigma; "
-                            "run `apudae-engine calibrate` on the DAE checkpoint")
+        mu, sigma = calibration(config, mu, sigma)
         if x.device.type != self.device.type or (self.device.index is not None
                                                   and x.device.index != self.device.index):
             raise ValueError(f"images are on {x.device} but the backend runs on {self.device}")
-        sigma = config.sigma_override if config.sigma_override is not None else sigma
-        if image_ids is None:
-            image_ids = image_fingerprint(x)
-        image_ids = image_ids.to(device=x.device, dtype=torch.int64)
-        if image_ids.shape != (x.shape[0],):
-            raise ValueError(f"image_ids must have shape ({x.shape[0]},), "
-                             f"got {tuple(image_ids.shape)}")
+        image_ids = checked_image_ids(x, image_ids)
         if x.shape[0] == 0:
             empty = torch.zeros(0, device=x.device)
             return PurifyResult(x.clone(), empty, empty.long())
@@ -279,34 +235,29 @@ class OptimizedBackend:
         except Exception as exc:
             if not self.fallback or isinstance(exc, UserError):
                 raise
-            self.failed = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
-            log.warning("backend auto: %s failed on this machine (%s); using the reference",
-                        self.name, self.failed)
-            return ReferenceBackend().purify(dae, x, mu, sigma, config, image_ids)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
+            self._fall_back(f"{self.name} failed on this machine ({first})")
+            return reference.purify(dae, x, mu, sigma, config, image_ids)
         n = x.shape[0]
-        return PurifyResult(res.images[:n].to(x.dtype), res.error_before[:n],
-                            res.active_steps[:n])
+        res = PurifyResult(res.images[:n].to(x.dtype), res.error_before[:n],
+                           res.active_steps[:n])
+        if self.check and dae not in self._checked:
+            self._checked.add(dae)
+            k = min(n, FIRST_BATCH_IMAGES)
+            ref = reference.purify(dae, x[:k], mu, sigma, config, image_ids[:k])
+            got = PurifyResult(res.images[:k], res.error_before[:k], res.active_steps[:k])
+            self.first_batch = first_batch_check(ref, got, self.precision)
+            if self.first_batch["failures"]:
+                self._fall_back(f"its first batch differs from the reference beyond tolerance "
+                                f"({'; '.join(self.first_batch['failures'])})")
+                return reference.purify(dae, x, mu, sigma, config, image_ids)
+            log.info("%s matches the reference on the first %d images (max pixel difference "
+                     "%.2g)", self.name, k, self.first_batch["max_abs_diff"])
+        return res
 
+    def _engine(self, dae: nn.Module):
+        return _module(self.name).engine_for(dae, self.device, self.dtype)
 
-@torch.no_grad()
-def check_precision_parity(dae: nn.Module, probe: torch.Tensor, dtype: torch.dtype) -> dict:
-    """Compare the step graph in ``dtype`` with float32 on ``probe`` images; raise UserError
-    when r or the gradient direction is further off than ``PARITY`` allows."""
-    from apudae_engine.backends.step_graph import StepGraph
-
-    r32, g32 = StepGraph(dae, torch.float32).to(probe.device)(probe.float())
-    r16, g16 = StepGraph(dae, dtype).to(probe.device)(probe.float())
-    rel = (r16 - r32).abs() / r32.abs().clamp_min(1e-6)
-    cos = torch.nn.functional.cosine_similarity(g16.flatten(1), g32.flatten(1), dim=1)
-    stats = {"r_rel_err_median": float(rel.median()), "r_rel_err_max": float(rel.max()),
-             "grad_cosine_mean": float(cos.mean()), "grad_cosine_min": float(cos.min())}
-    name = str(dtype).removeprefix("torch.")
-    summary = (f"median relative r error {stats['r_rel_err_median']:.2g} (max "
-               f"{stats['r_rel_err_max']:.2g}), mean gradient cosine "
-               f"{stats['grad_cosine_mean']:.4f} (min {stats['grad_cosine_min']:.3f})")
-    if (stats["r_rel_err_median"] > PARITY["r_rel_err_median"]
-            or stats["grad_cosine_mean"] < PARITY["grad_cosine_mean"]):
-        raise UserError(f"{name} is not accurate enough for this DAE against float32 on the "
-                        f"first batch ({summary}); use --precision fp32")
-    log.info("%s parity on the first batch: %s", name, summary)
-    return stats
+    def _fall_back(self, reason: str) -> None:
+        self.failed = reason
+        log.warning("backend %s: %s; using the reference from now on", self.name, reason)

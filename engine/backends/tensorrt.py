@@ -13,6 +13,7 @@ the torch-tensorrt release built for the installed torch (an unmatched one repla
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -28,6 +29,16 @@ from apudae_engine.core.errors import BackendUnavailable
 
 log = logging.getLogger(__name__)
 _MIN_PROFILE_BATCH = 512  # the engine's batch range is [1, max(512, next power of two >= N)]
+
+
+def unavailable_reason(device: torch.device, precision: str) -> str | None:
+    """None when the tensorrt backend can run on ``device``, else why not and the fix."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return "the tensorrt backend needs an NVIDIA GPU; use --device cuda on a GPU machine"
+    if importlib.util.find_spec("torch_tensorrt") is None:
+        return (f"torch_tensorrt is not installed; install the torch-tensorrt release built "
+                f"for your torch {torch.__version__}, or use --backend compiled")
+    return None
 
 
 def cache_dir() -> Path:

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from apudae_engine.method.config import PurifyConfig
-from apudae_engine.method.loop import calibration, keyed_update, run_loop
+from apudae_engine.method.loop import PurifyResult, calibration, keyed_update, run_loop
 from apudae_engine.method.purification import checked_image_ids
 from apudae_kernels.reference import hinge_weight_ref, squared_error_ref
 
@@ -111,11 +111,10 @@ class HingeGradient(torch.autograd.Function):
         return y_bar, None, None, None, None
 
 
-def adaptive_purify_hvp(dae: nn.Module, x: torch.Tensor, mu: float, sigma: float,
-                        config: PurifyConfig, image_ids: torch.Tensor | None = None
-                        ) -> torch.Tensor:
+def hvp_purify(dae: nn.Module, x: torch.Tensor, mu: float | None, sigma: float | None,
+               config: PurifyConfig, image_ids: torch.Tensor | None = None) -> PurifyResult:
     """The adaptive (or iterative) loop of ``method/loop.py`` with :class:`HingeGradient` as
-    its step, differentiable without double backward: purified images (N, C, H, W).
+    its step, differentiable without double backward.
 
     Same arguments as ``adaptive_purify``; ``config.method`` must be ``adaptive`` or
     ``iterative``. Forward values equal the reference's (the same ops in the same order).
@@ -131,4 +130,11 @@ def adaptive_purify_hvp(dae: nn.Module, x: torch.Tensor, mu: float, sigma: float
         return r, g
 
     update = keyed_update(config, mu, sigma, ids, hinge=False)
-    return run_loop(x, config.steps, mu if hinge else None, step, update, config.clip).images
+    return run_loop(x, config.steps, mu if hinge else None, step, update, config.clip)
+
+
+def adaptive_purify_hvp(dae: nn.Module, x: torch.Tensor, mu: float, sigma: float,
+                        config: PurifyConfig, image_ids: torch.Tensor | None = None
+                        ) -> torch.Tensor:
+    """The purified images (N, C, H, W) of :func:`hvp_purify`."""
+    return hvp_purify(dae, x, mu, sigma, config, image_ids).images

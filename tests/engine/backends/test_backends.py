@@ -14,8 +14,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import apudae_engine.backends.compiled as compiled_module
 import apudae_engine.backends.selection as backends
 from apudae_engine.backends.compiled import adaptive_update, constants, step_scalars
+from apudae_engine.backends.parity import FIRST_BATCH_IMAGES
 from apudae_engine.backends.selection import (
     get_backend,
     resolve_backend,
@@ -76,7 +78,7 @@ def test_reference_is_always_available():
 
 
 def test_auto_falls_back_to_reference_without_a_compiler_and_logs_once(monkeypatch, caplog):
-    monkeypatch.setattr(backends, "_cxx_compiler", lambda: None)
+    monkeypatch.setattr(compiled_module, "_cxx_compiler", lambda: None)
     monkeypatch.setattr(backends, "_logged", set())
     with caplog.at_level(logging.INFO, logger="apudae_engine.backends.selection"):
         assert resolve_backend("auto", "cpu") == "reference"
@@ -86,12 +88,12 @@ def test_auto_falls_back_to_reference_without_a_compiler_and_logs_once(monkeypat
 
 
 def test_auto_prefers_compiled_when_a_compiler_exists(monkeypatch):
-    monkeypatch.setattr(backends, "_cxx_compiler", lambda: "/usr/bin/g++")
+    monkeypatch.setattr(compiled_module, "_cxx_compiler", lambda: "/usr/bin/g++")
     assert resolve_backend("auto", "cpu") == "compiled"
 
 
 def test_explicit_compiled_without_compiler_is_a_clear_error(monkeypatch):
-    monkeypatch.setattr(backends, "_cxx_compiler", lambda: None)
+    monkeypatch.setattr(compiled_module, "_cxx_compiler", lambda: None)
     with pytest.raises(BackendUnavailable, match="g\\+\\+.*--backend reference"):
         resolve_backend("compiled", "cpu")
 
@@ -160,7 +162,7 @@ def test_compiled_backend_matches_reference_on_gpu():
 
 # -- the compiled backend on the CPU (compiled once for this module) ----------------------------
 
-needs_compiler = pytest.mark.skipif(backends._cxx_compiler() is None,
+needs_compiler = pytest.mark.skipif(compiled_module._cxx_compiler() is None,
                                     reason="torch.compile on the CPU needs a C++ compiler")
 
 
@@ -312,9 +314,9 @@ def test_verify_fails_a_backend_that_strays_from_the_reference(case, monkeypatch
                 result.images[1, 0, 3, 4] += 0.5
             return result
 
-    monkeypatch.setattr(backends, "_cxx_compiler", lambda: "/usr/bin/g++")
+    monkeypatch.setattr(compiled_module, "_cxx_compiler", lambda: "/usr/bin/g++")
     monkeypatch.setattr(backends, "get_backend",
-                        lambda name, *a: Straying() if name == "compiled" else real(name, *a))
+                        lambda name, *a, **k: Straying() if name == "compiled" else real(name, *a))
     rep = verify_backend(case["dae"], case["x"][:8], case["mu"], case["sigma"],
                          PurifyConfig(seed=0),
                          "compiled", batch_size=4)
@@ -353,7 +355,7 @@ def test_auto_falls_back_to_the_reference_when_compiling_fails(case, monkeypatch
         raise RuntimeError("C++ compile error: Python.h not found")
 
     monkeypatch.setattr(compiled_backend, "engine_for", broken)
-    monkeypatch.setattr(backends, "_cxx_compiler", lambda: "/usr/bin/g++")
+    monkeypatch.setattr(compiled_module, "_cxx_compiler", lambda: "/usr/bin/g++")
     backend = backends.OptimizedBackend("compiled", torch.device("cpu"), "fp32", fallback=True)
     x = case["x"][:2]
     with caplog.at_level(logging.WARNING, logger="apudae_engine.backends.selection"):
@@ -511,3 +513,66 @@ def test_fp32_means_ieee_convolutions_on_gpus():
         assert seen == ["ieee"] and conv.fp32_precision == "tf32"
     finally:
         conv.fp32_precision = before
+
+
+# -- the first-batch check ----------------------------------------------------------------------
+
+
+def _straying_engine(case, offset: float):
+    """A compiled engine that returns the reference's result with one pixel moved by
+    ``offset`` in every image."""
+
+    class Engine:
+        def purify(self, x, ids, mu, sigma, config):
+            res = get_backend("reference").purify(case["dae"], x, mu, sigma, config, ids)
+            res.images[:, 0, 3, 4] += offset
+            return res
+
+    return lambda dae, device, dtype: Engine()
+
+
+def test_first_batch_beyond_tolerance_falls_back_to_the_reference(case, monkeypatch, caplog):
+    monkeypatch.setattr(compiled_module, "_cxx_compiler", lambda: "/usr/bin/g++")
+    monkeypatch.setattr(compiled_module, "engine_for", _straying_engine(case, 0.5))
+    backend = backends.OptimizedBackend("compiled", torch.device("cpu"), "fp32")
+    x, cfg = case["x"][:4], PurifyConfig(seed=0)
+    want = get_backend("reference").purify(case["dae"], x, case["mu"], case["sigma"], cfg)
+    with caplog.at_level(logging.WARNING, logger="apudae_engine.backends.selection"):
+        got = backend.purify(case["dae"], x, case["mu"], case["sigma"], cfg)
+        again = backend.purify(case["dae"], x, case["mu"], case["sigma"], cfg)
+    assert torch.equal(got.images, want.images) and torch.equal(again.images, want.images)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "first batch differs" in warnings[0].message
+    report = backend.report()
+    assert report["backend"] == "reference" and "max_abs_diff" in report["fallback"]
+    check = report["first_batch_check"]
+    assert check["images"] == 4 and check["max_abs_diff"] == pytest.approx(0.5, abs=1e-6)
+    assert check["failures"] and check["failures"][0].startswith("max_abs_diff")
+
+
+def test_first_batch_within_tolerance_keeps_the_backend_and_records_it(case, monkeypatch):
+    monkeypatch.setattr(compiled_module, "_cxx_compiler", lambda: "/usr/bin/g++")
+    monkeypatch.setattr(compiled_module, "engine_for", _straying_engine(case, 1e-7))
+    backend = backends.OptimizedBackend("compiled", torch.device("cpu"), "fp32")
+    x = case["x"][:FIRST_BATCH_IMAGES + 3]
+    got = backend.purify(case["dae"], x, case["mu"], case["sigma"], PurifyConfig(seed=0))
+    report = backend.report()
+    assert report["backend"] == "compiled" and report["fallback"] is None
+    check = report["first_batch_check"]
+    assert check["images"] == FIRST_BATCH_IMAGES and not check["failures"]
+    assert 0 < check["max_abs_diff"] < 1e-6
+    assert got.images.shape == x.shape
+
+
+def test_verify_does_not_let_the_backend_fall_back(case, monkeypatch):
+    """verify compares the backend itself: the first-batch check must not swap in the
+    reference it is compared with (the straying pixel stays visible)."""
+    from apudae_engine.perf.verify import verify_backend
+
+    monkeypatch.setattr(compiled_module, "_cxx_compiler", lambda: "/usr/bin/g++")
+    monkeypatch.setattr(compiled_module, "engine_for", _straying_engine(case, 0.5))
+    backends._make_backend.cache_clear()
+    rep = verify_backend(case["dae"], case["x"][:4], case["mu"], case["sigma"],
+                         PurifyConfig(seed=0), "compiled", batch_size=4)
+    backends._make_backend.cache_clear()
+    assert rep.max_abs_diff == pytest.approx(0.5, abs=1e-6) and not rep.passed
