@@ -6,6 +6,8 @@ Only the kernel modules import this file, so importing ``apudae_kernels`` never 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -147,6 +149,20 @@ def prepare(t: torch.Tensor, name: str, inplace: bool) -> torch.Tensor:
 def block_size(d: int, max_block: int = 1024) -> int:
     """A power-of-two block no larger than the row needs (small rows waste no lanes)."""
     return max(16, min(max_block, triton.next_power_of_2(max(d, 1))))
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One kernel launch, ``kernel[grid](*args, **kwargs)``. Launchers build one and call it, so
+    that ``apudae_kernels.compile_check`` compiles exactly what they launch."""
+
+    kernel: Any
+    grid: tuple[int, ...]
+    args: tuple
+    kwargs: dict
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](*self.args, **self.kwargs)
 
 
 # Launch options for every kernel: no FMA contraction, so float32 results round like eager

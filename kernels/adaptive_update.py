@@ -7,12 +7,15 @@ step on delta. Matches ``reference.adaptive_update_ref``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+
 import torch
 import triton
 import triton.language as tl
 
 from ._triton_utils import (
     LAUNCH_OPTIONS,
+    Launch,
     block_size,
     cast_to,
     check_device,
@@ -212,27 +215,75 @@ def adaptive_update_triton(
     d = x[0].numel() if n else 0
     if n == 0 or d == 0:
         return outs
-    block = block_size(d)
-    _adaptive_update_kernel[(n, triton.cdiv(d, block))](
-        x,
-        delta,
-        grad_r,
-        exp_avg,
-        exp_avg_sq,
-        r,
-        ids,
-        *outs,
-        d,
-        noise_key_base(seed),
-        int(step) & 0xFFFFFFFF,
-        float(mu),
-        2.0 * sigma,
-        sigma * sigma,
-        float(eps_n),
-        float(max_scale),
-        **scalars,
-        NOISE=bool(noise),
-        BLOCK=block,
-        **LAUNCH_OPTIONS,
-    )
+    tensors = (x, delta, grad_r, exp_avg, exp_avg_sq, r, ids, *outs)
+    adaptive_update_launch(tensors, d, seed, step, mu, sigma, eps_n, max_scale, scalars, noise)()
     return outs
+
+
+def adaptive_update_launch(
+    tensors: Sequence,
+    d: int,
+    seed: int,
+    step: int,
+    mu: float,
+    sigma: float,
+    eps_n: float,
+    max_scale: float,
+    scalars: dict,
+    noise: bool,
+) -> Launch:
+    """The launch ``adaptive_update_triton`` makes once its inputs are checked.
+
+    tensors: x, delta, grad_r, exp_avg, exp_avg_sq, r, the int64 image ids and the four outputs
+    (x, delta, exp_avg, exp_avg_sq), all contiguous; d the elements per image (> 0);
+    ``scalars`` from ``adam_scalars``. One program per image and block of the row.
+    """
+    block = block_size(d)
+    return Launch(
+        _adaptive_update_kernel,
+        (tensors[0].shape[0], triton.cdiv(d, block)),
+        (
+            *tensors,
+            d,
+            noise_key_base(seed),
+            int(step) & 0xFFFFFFFF,
+            float(mu),
+            2.0 * sigma,
+            sigma * sigma,
+            float(eps_n),
+            float(max_scale),
+        ),
+        {**scalars, "NOISE": bool(noise), "BLOCK": block, **LAUNCH_OPTIONS},
+    )
+
+
+def compile_variants() -> Iterator[tuple[str, Launch]]:
+    """Launches covering every compilation ``adaptive_update_triton`` can ask for, on mock
+    tensors: ``apudae_kernels.compile_check`` compiles them for GPUs that are not there.
+
+    Yields (variant, launch). Variants are the tensors' dtype (float32 is what the engine's loop
+    passes and comes first; float16 and bfloat16 are the API's, with r float32), noise on or
+    off, and each block size; within one, the launches cover the ways Triton specialises the
+    integer arguments: d == 1, d % 16 == 0 or not, and a key base (from the seed) that fits
+    int32 or not. Pointers are taken 16-byte aligned, as fresh allocations are, and the step
+    below 2**31 (the engine runs at most 200).
+    """
+    from triton.runtime.jit import MockTensor
+
+    scalars = adam_scalars(1, 2 / 255, 0.9, 0.999, 1e-8)
+    # Seeds whose key base is below 2**31 (an int32 argument) and above (int64).
+    seeds = [next(s for s in range(64) if (noise_key_base(s) >= 2**31) == big) for big in (0, 1)]
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        image = MockTensor(dtype)
+        tensors = (*[image] * 5, MockTensor(torch.float32), MockTensor(torch.int64), *[image] * 4)
+        for noise in (True, False):
+            # Largest first (1024: every image of 23 x 23 pixels or more). Per block, a row that
+            # fills it (d % 16 == 0), one that does not, and d = 1 (Triton's constant) if there.
+            for block in sorted({block_size(1 << k) for k in range(31)}, reverse=True):
+                variant = f"{str(dtype).removeprefix('torch.')} {'noise' if noise else 'no-noise'}"
+                for d in [d for d in (block, block - 1, 1) if block_size(d) == block]:
+                    for seed in seeds:
+                        launch = adaptive_update_launch(
+                            tensors, d, seed, 1, 2.856, 0.923, 0.7 / 255, 4.0, scalars, noise
+                        )
+                        yield f"{variant} BLOCK={block}", launch
