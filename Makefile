@@ -13,7 +13,7 @@ PIP := $(VPY) -m pip install --quiet --disable-pip-version-check
 TORCH ?= torch==2.13.0+cpu
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
-.PHONY: install venv data sysdeps demo test lint bench
+.PHONY: install venv data sysdeps demo test lint bench docs
 
 install: $(VENV)/.installed
 
@@ -42,7 +42,7 @@ $(VENV)/.installed: pyproject.toml $(VPY)
 	  { echo "make: $(TORCH) was found neither through pip's configuration nor at" \
 	         "$(TORCH_CPU_INDEX); point pip at it (PIP_FIND_LINKS=DIR, or make TORCH_CPU_INDEX=URL)"; \
 	    exit 1; }
-	$(PIP) -e '.[test,triton,onnx,dali,ray,serve]' matplotlib   # DALI, Ray, Ray Serve: tested on the CPU
+	$(PIP) -e '.[test,triton,onnx,dali,ray,serve,docs]' matplotlib   # DALI, Ray, Ray Serve: tested on the CPU
 	$(PIP) -e '.[eval]'   # ART: numpy, scipy, scikit-learn, never torch (scripts/check_extras.sh)
 	touch $@
 
@@ -89,3 +89,8 @@ lint: install
 
 bench: install
 	$(VENV)/bin/apudae-engine bench
+
+# The documentation site into site/ (docs/README.md). Strict: a broken link or anchor, a page
+# missing from the navigation, a missing figure or a failed API reference stops the build.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict

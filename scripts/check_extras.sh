@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
 # Installing an extra of ours must leave the user's torch alone and pin no old requests.
 #
-# For each pip requirement given (default: the project with its `eval` and `dev` extras), pip
-# resolves it against the packages installed in $PY's environment without installing anything
-# (`pip install --dry-run --report`). The check fails when pip would install, replace or
-# downgrade torch, torchvision or torchaudio, or install a requests older than the one
-# installed (or, where none is installed, older than 2.32, the first without CVE-2024-35195).
+# For each pip requirement given (default: the project with its `eval`, `dev` and `docs`
+# extras), pip resolves it against the packages installed in $PY's environment without
+# installing anything (`pip install --dry-run --report`). The check fails when pip would
+# install, replace or downgrade torch, torchvision or torchaudio, or install a requests older
+# than the one installed (or, where none is installed, older than 2.32, the first without
+# CVE-2024-35195).
 #
-# Usage: scripts/check_extras.sh                     # -e .[eval] and -e .[dev]
+# Usage: scripts/check_extras.sh                     # -e .[eval], -e .[dev] and -e .[docs]
 #        scripts/check_extras.sh 'torchattacks==3.5.1'   # fails: torchvision, requests 2.25.1
 #        PY=.venv/bin/python scripts/check_extras.sh
 # Needs the package index pip is configured with (nothing is installed). Exit 0: all clean.
 set -euo pipefail
 PY=${PY:-python3}
 cd "$(dirname "$0")/.."
-[ $# -gt 0 ] || set -- '-e .[eval]' '-e .[dev]'
+[ $# -gt 0 ] || set -- '-e .[eval]' '-e .[dev]' '-e .[docs]'
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 status=0

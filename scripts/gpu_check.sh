@@ -10,7 +10,7 @@
 #   GPU_CHECK_SMOKE=1 bash scripts/gpu_check.sh   # the same plumbing on the CPU, tiny sizes
 #
 # Stages: env tests bench-rednet verify e2e bench-fmnist kernels jpeg profile e2e-224.
-# Not run by default: eval-aware, the full-split defense-aware evaluation of the README
+# Not run by default: eval-aware, the full-split defense-aware evaluation of docs/evaluation.md
 # (`evaluate` resumes from parts): carry the run's folder (EVAL_OUT, default
 # runs/eval-fmnist-10k-aware-method) so done batches are skipped; the parts this call adds come
 # back as $OUT/eval_parts.tar.gz, to unpack into that folder's parts/ and rerun to resume.
@@ -40,8 +40,8 @@ if [ -d "$ROOT/.gpu_data/fashion-mnist" ]; then
 fi
 
 EVAL_OUT=${EVAL_OUT:-runs/eval-fmnist-10k-aware-method}
-# The README's command; its settings (batch sizes included) must stay as they are for the
-# parts to join those already computed elsewhere.
+# The defense-aware command of docs/evaluation.md on the full split; its settings (batch sizes
+# included) must stay as they are for the parts to join those already computed elsewhere.
 EVAL_ARGS=(--model fmnist --dataset fashion-mnist --attacks none --sweep none --limit 10000
            --aware-limit 10000 --aware-attacks aware-suite --aware-steps 50 --eot 4 --draws 4
            --aware-batch 50 --batch 250 --method-defaults)

@@ -1,0 +1,329 @@
+"""The documentation's figures, drawn from committed records by this script, never by hand.
+
+- ``architecture.png``: the layers of the import-linter contract in pyproject.toml (the one
+  ``lint-imports`` enforces in CI), each box with its package's one-line docstring.
+- ``throughput.png``: images/s and speed-up against the reference from the ``apudae-engine
+  bench`` records in benchmarks/results/ (``THROUGHPUT_RECORDS``).
+- ``r_histogram.png``: the reconstruction error of clean and attacked test images from the
+  evaluation records' per_image.npz, with the bundled model's mu and its flag threshold.
+- ``results/...``: the plots ``apudae-engine evaluate`` and ``tune`` committed beside their
+  records (accuracy against eps, r histograms, example images), copied as they are.
+
+The docs build makes these in memory on every build (scripts/docs_hooks.py), so nothing
+generated is committed except the README's picture, ``docs/figures/preview.png``: GitHub shows
+the README without a build. ``--preview`` redraws it (it runs ``purify``, seconds on a CPU).
+
+    python scripts/docs_figures.py --out /tmp/figures   # write the build's figures to look at
+    python scripts/docs_figures.py --preview            # redraw docs/figures/preview.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import io
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+# The bench records the performance page's table quotes, drawn in this order.
+THROUGHPUT_RECORDS = ("purify_2026-11-25_amd-epyc-2c_cpu_1thread_quiet.json",
+                      "purify_2026-11-25_amd-epyc-2c_cpu_1thread_224.json")
+SERIES = (("reference", "fp32", "#8c8c8c"), ("compiled", "fp32", "#1f77b4"),
+          ("compiled", "bf16", "#ff7f0e"))
+# The r histogram: (record, per_image.npz key, label); the first is the clean reference.
+R_ROWS = (("fmnist-500-oblivious-art", "oblivious/clean/error", "clean"),
+          ("fmnist-500-oblivious-art", "oblivious/pgd/error", "PGD L∞ 0.1 (oblivious)"),
+          ("fmnist-200-aware-apgd-tuned", "defense_aware/aware-suite/error",
+           "APGD suite (defense-aware)"),
+          ("fmnist-500-defense-aware", "defense_aware/below-mu/error",
+           "stay below mu (defense-aware)"))
+R_MODEL = ROOT / "engine" / "models_data" / "fmnist" / "dae.json"
+PREVIEW = ROOT / "docs" / "figures" / "preview.png"
+PREVIEW_ROWS = 3  # the first images of each samples folder, in file-name order
+
+
+def _toml(path: Path) -> dict:
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10: the docs extra installs tomli
+        import tomli as tomllib
+    return tomllib.loads(path.read_text())
+
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+# -- architecture --------------------------------------------------------------------------
+
+
+def contract_layers(pyproject: Path = ROOT / "pyproject.toml") -> list[list[tuple[str, bool]]]:
+    """The ``layers`` contract's layers, top first: each a list of (module, optional), where
+    siblings are joined by "|" and an optional module is written in parentheses."""
+    config = _toml(pyproject)["tool"]["importlinter"]
+    for contract in config["contracts"]:
+        if contract["type"] == "layers":
+            return [[(m.strip().strip("()"), m.strip().startswith("(")) for m in layer.split("|")]
+                    for layer in contract["layers"]]
+    raise ValueError(f"{pyproject}: no import-linter contract of type 'layers'")
+
+
+def forbidden_contracts(pyproject: Path = ROOT / "pyproject.toml") -> list[dict]:
+    config = _toml(pyproject)["tool"]["importlinter"]
+    return [c for c in config["contracts"] if c["type"] == "forbidden"]
+
+
+def package_folder(module: str, pyproject: Path = ROOT / "pyproject.toml") -> Path:
+    """The source folder of an import name, through pyproject's package-dir mapping."""
+    mapping = _toml(pyproject)["tool"]["setuptools"]["package-dir"]
+    top, _, rest = module.partition(".")
+    return ROOT / mapping.get(top, top) / Path(*rest.split(".")) if rest else ROOT / mapping[top]
+
+
+def package_summary(module: str) -> str:
+    """The first line of the package's ``__init__`` docstring."""
+    init = package_folder(module) / "__init__.py"
+    doc = ast.get_docstring(ast.parse(init.read_text())) if init.exists() else None
+    return (doc or "").strip().splitlines()[0] if doc else ""
+
+
+def architecture_png() -> bytes:
+    plt = _pyplot()
+    from matplotlib.patches import FancyBboxPatch
+
+    layers = contract_layers()
+    width, side, pad, line = 10.0, 3.2, 0.15, 0.2  # inches of the figure, one text line
+
+    def wrapped(text: str, w: float) -> str:
+        return textwrap.fill(text, max(16, int(w * 9.6)))
+
+    boxes, heights = [], []
+    for layer in layers:
+        w = (width - pad * (len(layer) - 1)) / len(layer)
+        texts = [wrapped(package_summary(m), w) for m, _ in layer]
+        boxes.append((w, texts))
+        heights.append(0.55 + line * max(t.count("\n") + 1 for t in texts))
+    gap = 0.3
+    height = sum(heights) + gap * len(layers)
+    fig, ax = plt.subplots(figsize=(12.5, height * 0.9 + 0.4))
+    ax.set_xlim(-0.9, width + side + 0.4)
+    ax.set_ylim(-0.35, height + 0.1)
+    ax.axis("off")
+
+    def box(x, y, w, h, title, text, dashed=False, color="#e8f0fa"):
+        ax.add_patch(FancyBboxPatch((x, y), w, h, boxstyle="round,pad=0.02,rounding_size=0.08",
+                                    facecolor=color, edgecolor="#34495e",
+                                    linestyle="--" if dashed else "-", linewidth=1.2))
+        ax.text(x + 0.12, y + h - 0.12, title, fontsize=min(10.5, 4.1 * w), fontweight="bold",
+                va="top", family="monospace")
+        ax.text(x + 0.12, y + h - 0.45, text, fontsize=8.3, va="top", linespacing=1.3)
+
+    top = height
+    for layer, (w, texts), h in zip(layers, boxes, heights):
+        y = top - h - gap / 2
+        for j, ((module, optional), text) in enumerate(zip(layer, texts)):
+            folder = package_folder(module).relative_to(ROOT).as_posix() + "/"
+            box(j * (w + pad), y, w, h, folder, text, dashed=optional)
+        top -= h + gap
+    ax.annotate("", xy=(-0.45, 0.2), xytext=(-0.45, height - 0.2),
+                arrowprops=dict(arrowstyle="-|>", color="#34495e", lw=1.5))
+    ax.text(-0.62, height / 2, "a layer imports only the layers below it", rotation=90,
+            va="center", ha="center", fontsize=9)
+    y = gap / 2
+    for contract in forbidden_contracts():
+        source = contract["source_modules"][0]
+        text = wrapped(f"{package_summary(source)} Contract '{contract['name']}': "
+                       f"{', '.join(contract['source_modules'])} never imports "
+                       f"{', '.join(contract['forbidden_modules'])}.", side - 0.4)
+        h = 0.55 + line * (text.count("\n") + 1)
+        folder = package_folder(source).relative_to(ROOT).as_posix() + "/"
+        box(width + 0.4, y, side - 0.2, h, folder, text, color="#f4ecf7")
+        y += h + gap
+    ax.text(0, -0.25, "Boxes side by side do not import each other; a dashed box is a layer the "
+            "contract marks optional. Drawn from pyproject.toml by scripts/docs_figures.py.",
+            fontsize=8, color="#555")
+    ax.set_title("The layers of pyproject.toml's import-linter contract (lint-imports, in CI)",
+                 fontsize=11)
+    return _png(fig)
+
+
+# -- throughput ----------------------------------------------------------------------------
+
+
+def bench_rows(names=THROUGHPUT_RECORDS) -> tuple[list[dict], dict]:
+    """The bench records' results in order, and the first record's hardware."""
+    rows, hardware = [], None
+    for name in names:
+        record = json.loads((RESULTS / name).read_text())
+        hardware = hardware or record["hardware"]
+        rows += record["results"]
+    return rows, hardware
+
+
+def throughput_png() -> bytes:
+    plt = _pyplot()
+    rows, hw = bench_rows()
+    groups: list[tuple] = []
+    for r in rows:
+        key = (r["case"], tuple(r["image"]), r["batch"])
+        if key not in groups:
+            groups.append(key)
+    rate = {(r["case"], tuple(r["image"]), r["batch"], r["backend"], r["precision"]):
+            (r["images_per_s"], r["ratio_vs_reference"]) for r in rows}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 0.55 * len(groups) + 1.6),
+                                      sharey=True)
+    bar = 0.8 / len(SERIES)
+    for s, (backend, precision, color) in enumerate(SERIES):
+        ys, ips, ratio = [], [], []
+        for g, key in enumerate(groups):
+            if (*key, backend, precision) in rate:
+                ys.append(g + (s - 1) * bar)
+                ips.append(rate[(*key, backend, precision)][0])
+                ratio.append(rate[(*key, backend, precision)][1])
+        label = f"{backend} {precision}"
+        left.barh(ys, ips, height=bar, color=color, label=label)
+        right.barh(ys, ratio, height=bar, color=color, label=label)
+        for y, v, q in zip(ys, ips, ratio):
+            left.text(v * 1.05, y, f"{v:g}", va="center", fontsize=7)
+            right.text(q + 0.05, y, f"{q:.2f}x", va="center", fontsize=7)
+    labels = [f"{case}, {'x'.join(map(str, image))}, batch {batch}"
+              for case, image, batch in groups]
+    left.set_yticks(range(len(groups)), labels, fontsize=8.5)
+    left.invert_yaxis()
+    left.set_xscale("log")
+    left.set_xlabel("images/s (log scale)")
+    right.set_xlabel("speed-up against the reference in the same run")
+    right.axvline(1.0, color="#555", lw=0.8)
+    right.set_xlim(0, max(r["ratio_vs_reference"] for r in rows) * 1.12)
+    left.set_xlim(right=max(r["images_per_s"] for r in rows) * 2.5)
+    right.legend(loc="lower right", fontsize=8)
+    fig.suptitle(f"apudae-engine bench, adaptive 13 steps: {hw['cpu']}, {hw['cpu_cores']} cores, "
+                 f"{hw['torch_threads']} torch thread, torch {hw['torch']}", fontsize=10)
+    fig.text(0.01, -0.02, "records: " + ", ".join(f"benchmarks/results/{n}"
+                                                  for n in THROUGHPUT_RECORDS), fontsize=7)
+    fig.tight_layout()
+    return _png(fig)
+
+
+# -- reconstruction error --------------------------------------------------------------------
+
+
+def r_histogram_png() -> bytes:
+    import numpy as np
+
+    from apudae_engine.method.detection import flag_threshold
+
+    plt = _pyplot()
+    calibration = json.loads(R_MODEL.read_text())["calibration"]
+    mu, threshold = calibration["mu"], flag_threshold(calibration)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    bins, top = np.linspace(0, 14, 57), 0.8
+    for i, (record, key, label) in enumerate(R_ROWS):
+        r = np.load(RESULTS / "eval" / record / "per_image.npz")[key]
+        kw = dict(color="#bbbbbb") if i == 0 else dict(histtype="step", lw=1.4)
+        density, _, patches = ax.hist(np.clip(r, 0, bins[-1]), bins=bins, density=True,
+                                      label=f"{label}, n = {len(r)}", **kw)
+        k = int(np.argmax(density))
+        if density[k] > top:  # a peak off the scale: say how high it goes
+            color = patches[0].get_edgecolor() if i else "#888888"
+            ax.annotate(f"peak {density[k]:.1f}", xy=(bins[k + 1], top * 0.97),
+                        xytext=(bins[k + 1] + 0.3, top * 0.9), fontsize=7.5, color=color,
+                        arrowprops=dict(arrowstyle="->", color=color))
+    ax.set_ylim(0, top)
+    ax.axvline(mu, color="k", lw=1.2, label=f"mu = {mu:.2f} (the hinge starts here)")
+    ax.axvline(threshold, color="#d62728", ls="--", lw=1.2,
+               label=f"flag threshold = {threshold:.2f} (5 % of clean calib images above)")
+    ax.set_xlabel("reconstruction error r(x) before purification (last bin: 14 and above)")
+    ax.set_ylabel("density")
+    ax.set_title("Fashion-MNIST test images, bundled fmnist DAE", fontsize=10)
+    ax.legend(fontsize=7.5)
+    fig.text(0.01, -0.03, "records: " + ", ".join(sorted({f"benchmarks/results/eval/{r}"
+                                                          for r, _, _ in R_ROWS})), fontsize=7)
+    return _png(fig)
+
+
+# -- all figures -------------------------------------------------------------------------------
+
+
+def committed_plots() -> dict[str, bytes]:
+    """The PNGs committed beside the records, keyed ``results/<path under results>``."""
+    return {f"results/{p.relative_to(RESULTS).as_posix()}": p.read_bytes()
+            for p in sorted(RESULTS.rglob("*.png"))}
+
+
+def figures() -> dict[str, bytes]:
+    """Every figure of the docs build, keyed by its path under the site's ``generated/``."""
+    return {"architecture.png": architecture_png(), "throughput.png": throughput_png(),
+            "r_histogram.png": r_histogram_png(), **committed_plots()}
+
+
+def draw_preview(path: Path = PREVIEW, rows: int = PREVIEW_ROWS) -> Path:
+    """Purify engine/samples with seed 0 and draw the first ``rows`` images of each folder
+    with ``purify``'s own preview grid (input | purified | difference x8, and the record)."""
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    from apudae_engine import FolderJob, PurifyConfig, purify_folder
+    from apudae_engine.images.preview import preview_grid
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "purified"
+        purify_folder(FolderJob(ROOT / "engine" / "samples", out, batch_size=64,
+                                config=PurifyConfig(seed=0)))
+        records = [json.loads(line) for line in (out / "manifest.jsonl").read_text().split("\n")
+                   if line]
+        chosen = []
+        for folder in ("adversarial", "clean"):
+            chosen += sorted((r for r in records if r["path"].startswith(folder + "/")),
+                             key=lambda r: r["path"])[:rows]
+
+        def pixels(p: Path) -> np.ndarray:
+            return np.asarray(Image.open(p).convert("L"))[None]
+
+        grid = preview_grid([(pixels(ROOT / "engine" / "samples" / r["path"]),
+                              pixels(out / r["output"]), r) for r in chosen])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid.transpose(1, 2, 0)).save(path, optimize=True)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, help="write the build's figures into this folder")
+    parser.add_argument("--preview", action="store_true",
+                        help=f"redraw {PREVIEW.relative_to(ROOT)}")
+    a = parser.parse_args(argv)
+    if not (a.out or a.preview):
+        parser.error("give --out DIR, --preview or both")
+    if a.out:
+        for name, data in figures().items():
+            (a.out / name).parent.mkdir(parents=True, exist_ok=True)
+            (a.out / name).write_bytes(data)
+            print(a.out / name)
+    if a.preview:
+        print(draw_preview())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Tables of the committed records, generated for the docs from the records themselves.
+
+- ``records_table()``: every evaluation and tuning record under benchmarks/results/ with the
+  command that made it (its results.md or tune.md ``Command:`` line), its size and time, and
+  the adaptive settings it ran; docs/evaluation.md's ``<!-- eval-records -->``.
+- ``bench_table()``: the ``apudae-engine bench`` records the performance page quotes
+  (``docs_figures.THROUGHPUT_RECORDS``); docs/performance.md's ``<!-- bench-table -->``.
+
+scripts/docs_hooks.py puts them into the pages; run this file to print both.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from docs_figures import RESULTS, bench_rows  # noqa: E402
+
+RECORDS_MARKER = "<!-- eval-records -->"
+BENCH_MARKER = "<!-- bench-table -->"
+COMMAND = re.compile(r"^Command:\s*`([^`]+)`", re.M)
+
+
+def _over_255(value: float) -> str:
+    return f"{value * 255:.3g}/255"
+
+
+def _adaptive(settings: dict) -> str:
+    adaptive = (settings.get("defenses") or {}).get("adaptive")
+    if not adaptive:
+        return "–"
+    return (f"{adaptive['steps']} steps, lr {_over_255(adaptive['lr'])}, noise "
+            f"{_over_255(adaptive['noise_eps'])}, cap {adaptive['noise_max_scale']:g}")
+
+
+def _size(settings: dict) -> str:
+    n, aware = settings.get("n"), settings.get("aware_n")
+    if n is None:
+        return "–"
+    return f"n = {n:,}" + (f", defense-aware n = {aware:,}" if aware else "")
+
+
+def record_rows() -> list[dict]:
+    """One dict per record folder: path, command, images, seconds, adaptive settings."""
+    rows = []
+    for md in sorted(RESULTS.glob("eval/*/results.md")) + sorted(RESULTS.glob("tune/*/tune.md")):
+        folder = md.parent
+        match = COMMAND.search(md.read_text())
+        data = folder / ("results.json" if md.name == "results.md" else "tune.json")
+        doc = json.loads(data.read_text()) if data.exists() else {}
+        settings = doc.get("settings") or {}
+        seconds = settings.get("wall_seconds", doc.get("wall_seconds"))
+        rows.append({"record": folder.relative_to(RESULTS.parents[1]).as_posix() + "/",
+                     "command": match.group(1) if match else None,
+                     "images": _size(settings),
+                     "seconds": f"{seconds:,.0f}" if isinstance(seconds, (int, float)) else "–",
+                     "adaptive": _adaptive(settings)})
+    return rows
+
+
+def records_table() -> str:
+    """A list item per record: its folder, images, time and adaptive settings, then the
+    command that made it."""
+    lines = []
+    for r in record_rows():
+        facts = [r["images"] if r["images"] != "–" else "",
+                 f"{r['seconds']} s" if r["seconds"] != "–" else "",
+                 f"adaptive: {r['adaptive']}" if r["adaptive"] != "–" else ""]
+        facts_text = "; ".join(f for f in facts if f)
+        command = f"`{r['command']}`" if r["command"] else "the command is in the record"
+        lines.append(f"- `{r['record']}`" + (f" ({facts_text})" if facts_text else "")
+                     + f":  \n  {command}")
+    return "\n".join(lines) + "\n"
+
+
+def bench_table() -> str:
+    rows, _ = bench_rows()
+    cases: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["case"], tuple(r["image"]), r["batch"])
+        cases.setdefault(key, {"model": r["model"]})[(r["backend"], r["precision"])] = r
+    lines = ["| case (13 steps) | image | batch | reference img/s | compiled fp32 | "
+             "compiled bf16 |", "|---|---|---|---|---|---|"]  # cells: img/s (x reference)
+    for (case, image, batch), found in cases.items():
+        cells = []
+        for series in (("reference", "fp32"), ("compiled", "fp32"), ("compiled", "bf16")):
+            r = found.get(series)
+            if r is None:
+                cells.append("–")
+            elif series[0] == "reference":
+                cells.append(f"{r['images_per_s']:g}")
+            else:
+                cells.append(f"{r['images_per_s']:g} ({r['ratio_vs_reference']:.2f}x)")
+        lines.append(f"| {case} | {'x'.join(map(str, image))} | {batch} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(records_table() + "\n" + bench_table())
