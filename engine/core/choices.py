@@ -21,12 +21,13 @@ BACKENDS = tuple(BACKEND_MODULES)
 BACKEND_CHOICES = ("auto", *BACKENDS)
 PRECISIONS = ("fp32", "bf16", "fp16")
 
-# name -> "module:Class" of an ``apudae_engine.images.loaders.Loader`` subclass; ``auto``
-# prefers them in this order on a CUDA device and takes ``cpu`` elsewhere.
+# name -> "module:Class" of an ``apudae_engine.images.loaders.Loader`` subclass (with
+# ``unavailable_reason(device)``); ``auto`` takes the first usable one after ``cpu``, in this
+# order, on a CUDA device and ``cpu`` elsewhere.
 LOADER_CLASSES = {
     "cpu": "apudae_engine.images.loaders:Loader",
-    "dali": "apudae_engine.images.loaders:DaliLoader",
-    "nvjpeg": "apudae_engine.images.loaders:NvjpegLoader",
+    "dali": "apudae_engine.images.dali_loader:DaliLoader",
+    "nvjpeg": "apudae_engine.images.nvjpeg_loader:NvjpegLoader",
 }
 LOADERS = tuple(LOADER_CLASSES)
 LOADER_CHOICES = ("auto", *LOADERS)
