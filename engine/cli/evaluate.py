@@ -6,8 +6,8 @@ import argparse
 
 # Building the parser (and --version, --help) never imports torch, so the attack names are
 # not listed here: they live in the attack registry, which EvalConfig checks and
-# --list-attacks prints. The defense names are mirrored for argparse's choices.
-_DEFENSES = ("none", "direct", "iterative", "adaptive", "adaptive-compat")
+# --list-attacks prints. The defense names come from the torch-free core.choices.
+from apudae_engine.core.choices import BACKEND_CHOICES, DEFENSES
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -111,9 +111,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "(name, family, norm, default steps) and exit")
     p.add_argument("--aware-limit", type=int, default=None, help="images for defense-aware "
                    "attacks (default 500; 8 with --quick)")
-    p.add_argument("--aware-target", default="adaptive", choices=_DEFENSES[1:],
+    p.add_argument("--aware-target", default="adaptive", choices=DEFENSES[1:],
                    help="defense the defense-aware attacks are crafted against")
-    p.add_argument("--defenses", default=None, help=f"columns (default: {','.join(_DEFENSES)})")
+    p.add_argument("--defenses", default=None, help=f"columns (default: {','.join(DEFENSES)})")
     p.add_argument("--eps", type=float, default=None, help="L-inf eps (default: dataset "
                    "convention, 0.1 for 28x28 data, 8/255 for CIFAR-10)")
     p.add_argument("--eps-l2", type=float, default=None, help="L2 eps (default 1.5 for 28x28 "
@@ -141,7 +141,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--backend", default="reference", help="purification backend for scoring "
+    p.add_argument("--backend", default="reference", choices=BACKEND_CHOICES,
+                   help="purification backend for scoring "
                    "the defenses: reference (default, the specification), auto, compiled, ...; "
                    "attacks always differentiate through the reference")
     p.add_argument("--method-defaults", action="store_true", help="score the purifying "

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from apudae_engine._version import __version__
 from apudae_engine.cli.options import add_purify_options, purify_config
+from apudae_engine.core.choices import LOADER_CHOICES
 
 log = logging.getLogger("apudae_engine")
 
@@ -129,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="decode/encode threads")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads for purifying "
                    "(default: torch's)")
-    p.add_argument("--loader", default="auto", choices=["auto", "cpu", "dali", "nvjpeg"],
+    p.add_argument("--loader", default="auto", choices=LOADER_CHOICES,
                    help="image decoder: cpu (Pillow threads), dali (pip install "
                    "'apudae-engine[dali]'), nvjpeg (torchvision on a GPU); auto (default) takes "
                    "dali, then nvjpeg, on a GPU and cpu otherwise")

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 
+from apudae_engine.core.choices import BACKEND_CHOICES, METHODS, PRECISIONS
+
 
 def add_purify_options(p: argparse.ArgumentParser) -> None:
     """The purification settings shared by purify, purify-ray, verify and serve."""
     g = p.add_argument_group("purification")
     g.add_argument("--model", default="fmnist", help="bundled model name or DAE checkpoint path "
                    "(default: fmnist)")
-    g.add_argument("--method", choices=("adaptive", "iterative", "direct"), default="adaptive")
+    g.add_argument("--method", choices=METHODS, default="adaptive")
     add_tunable_options(g)
     g.add_argument("--no-noise", action="store_true", help="turn the adaptive noise off "
                    "(deterministic)")
@@ -27,10 +29,10 @@ def add_purify_options(p: argparse.ArgumentParser) -> None:
     flag.add_argument("--flag-k", type=float, default=None, help="flag when the error exceeds "
                       "mu + k*sigma instead")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
-    g.add_argument("--backend", default="reference", choices=("reference", "compiled",
-                   "tensorrt", "auto"), help="reference (default, eager autograd), compiled "
+    g.add_argument("--backend", default="reference", choices=BACKEND_CHOICES,
+                   help="reference (default, eager autograd), compiled "
                    "(torch.compile), tensorrt (CUDA) or auto; see `apudae-engine verify`")
-    g.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+    g.add_argument("--precision", choices=PRECISIONS, default="fp32",
                    help="convolution precision of the compiled/tensorrt backends (default fp32; "
                    "bf16/fp16 are checked against fp32 on the first batch)")
 

@@ -11,8 +11,9 @@ import json
 import logging
 from pathlib import Path
 
+from apudae_engine.core.choices import PRECISIONS
+
 log = logging.getLogger(__name__)
-_PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def _device(name: str):
@@ -164,8 +165,6 @@ def register_verify(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-agreement", type=float, default=None, help="required label agreement")
     p.add_argument("--json", default=None, help="also write the report to this JSON file")
     add_purify_options(p)
-    if "--precision" not in p._option_string_actions:  # unless the shared options have it
-        p.add_argument("--precision", choices=_PRECISIONS, default="fp32")
     p.set_defaults(func=_cmd_verify, backend="auto")
 
 
@@ -274,9 +273,9 @@ def _cmd_bench(a: argparse.Namespace) -> int:
         for item in a.backends.split(","):
             name, _, precision = item.strip().partition(":")
             precision = precision or "fp32"
-            if precision not in _PRECISIONS:
+            if precision not in PRECISIONS:
                 raise UserError(f"unknown precision {precision!r} in --backends {item!r}; "
-                                f"choose from {', '.join(_PRECISIONS)}")
+                                f"choose from {', '.join(PRECISIONS)}")
             backends.append((name, precision))
     else:
         backends = [("compiled", "fp32"), ("tensorrt", "fp16")]

@@ -13,10 +13,10 @@ import shlex
 import sys
 from dataclasses import dataclass, field, replace
 
+from apudae_engine.core.choices import DEFENSES  # evaluate's columns; re-exported here
 from apudae_engine.core.errors import UserError
 from apudae_engine.evaluation.attacks import AttackSpec, attack_class, attack_names
 
-DEFENSES = ("none", "direct", "iterative", "adaptive", "adaptive-compat")
 # (L-inf eps, L2 eps, L-inf sweep) by dataset, following the field's conventions.
 EPSILONS = {"fashion-mnist": (0.1, 1.5, (0.05, 0.1, 0.2, 0.3)),
             "mnist": (0.1, 1.5, (0.05, 0.1, 0.2, 0.3)),

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from apudae_engine.core.choices import BACKEND_CHOICES, PRECISIONS
 from apudae_engine.core.host import describe, synchronize
 from apudae_engine.folder.local import FolderJob, path_identity, purify_folder
 from apudae_engine.images.loaders import LOADERS, get_loader, loader_unavailable_reason
@@ -220,9 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=1, help="alternate purify-only and e2e this "
                    "many times and keep the fastest of each (shared machines)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
-    p.add_argument("--backend", default="reference", help="the purify backend of both the "
-                   "ceiling and the end-to-end run (reference, compiled, auto)")
-    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--backend", default="reference", choices=BACKEND_CHOICES,
+                   help="the purify backend of both the ceiling and the end-to-end run")
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from apudae_engine.core.host import resolve_device
