@@ -20,6 +20,9 @@ _LAZY = {
     "purify_folder": ("apudae_engine.folder.local", "purify_folder"),
     "FolderJob": ("apudae_engine.folder.local", "FolderJob"),
     "load_classifier": ("apudae_engine.method.checkpoint", "load_classifier"),
+    # r(x) of a DAE, differentiable (attacks on the detector); Purifier.reconstruction_error
+    # is its no-grad form for a purifier's own DAE.
+    "reconstruction_error": ("apudae_engine.method.purification", "reconstruction_error"),
     "purify_dataset": ("apudae_engine.folder.ray_dataset", "purify_dataset"),
     "PurifyBatches": ("apudae_engine.folder.ray_dataset", "PurifyBatches"),
 }

@@ -38,7 +38,6 @@ import numpy as np
 
 from apudae_engine.core.errors import UserError
 from apudae_engine.core.files import write_atomic
-from apudae_engine.folder.guard import output_error
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +102,6 @@ class PartStore:
         self.host = socket.gethostname()
         self.token = uuid.uuid4().hex  # tells this worker's claims from its threads' siblings
         self.worker = {"host": self.host, "pid": os.getpid()}
-        self._good: set[str] = set()  # parts read whole and matching
         self._warned: set[str] = set()
         if fresh and self.folder.exists():
             live = [p.name for p in self.folder.glob(f"*{CLAIM_SUFFIX}") if not self._stale(p)]
@@ -156,9 +154,8 @@ class PartStore:
         try:
             write_atomic(path, buf.getvalue())
         except OSError as exc:  # full disk, read-only...: one line, the parts so far are kept
-            raise UserError(f"{output_error(exc, path)}; the batches written so far are kept, "
-                            "rerun the same command to resume") from None
-        self._good.add(name)
+            raise UserError(f"cannot write the part {path}: {exc.strerror or exc}; the batches "
+                            "written so far are kept, rerun the same command to resume") from None
 
     def read(self, name: str) -> tuple[dict[str, Any], dict[str, np.ndarray]] | None:
         """A part's metadata and arrays; None when absent, or damaged (with one warning)."""
@@ -178,17 +175,10 @@ class PartStore:
 
     def damaged(self, name: str, exc: Exception | str) -> None:
         """Report a part that cannot be used, once; it is treated as missing."""
-        self._good.discard(name)
         if name not in self._warned:
             self._warned.add(name)
             log.warning("%s/%s.npz is damaged or does not match (%s); computing that batch "
                         "again", self.folder, name, exc)
-
-    def known_good(self, name: str) -> bool:
-        return name in self._good
-
-    def mark_good(self, name: str) -> None:
-        self._good.add(name)
 
     def exists(self, name: str) -> bool:
         return (self.folder / f"{name}.npz").exists()

@@ -31,14 +31,13 @@ from typing import Any
 
 import torch
 
-from apudae_engine._version import __version__
-from apudae_engine.backends.purifier import Purifier
+from apudae_engine import Purifier, PurifyConfig, __version__
 from apudae_engine.core.errors import UserError
 from apudae_engine.core.host import describe, resolve_device
 from apudae_engine.evaluation.attacks import AttackSpec
 from apudae_engine.evaluation.attacks.aware import held_out_seeds
 from apudae_engine.evaluation.config import EvalConfig
-from apudae_engine.evaluation.outcomes import Row, merge_rows
+from apudae_engine.evaluation.outcomes import Row
 from apudae_engine.evaluation.parts import PartStore
 from apudae_engine.evaluation.schedule import Scheduler, Table
 from apudae_engine.evaluation.scoring import SEED_STRIDE, BatchScorer
@@ -52,7 +51,6 @@ from apudae_engine.evaluation.tables import (
 )
 from apudae_engine.images.datasets import load_dataset
 from apudae_engine.method.checkpoint import classifier_source, load_checkpoint
-from apudae_engine.method.config import PurifyConfig
 
 # WORST_CASE, flag_rule and roc_auc live in ``tables``; they are imported from here too.
 __all__ = ["REPORT_CLAIM", "WORST_CASE", "Evaluator", "evaluate", "flag_rule", "roc_auc"]
@@ -94,17 +92,17 @@ class Evaluator:
         tuned = None if c.method_defaults else self.base.checkpoint.purify_defaults
         configs = {d: config.with_model_defaults(tuned) for d, config in configs.items()}
         dae, mu, sigma = self.base.dae, self.base.mu, self.base.sigma
-        self.defenses: dict[str, Purifier | None] = {
-            d: None if d == "none" else Purifier(dae, mu, sigma, configs[d]) for d in c.defenses}
-        self.target = Purifier(dae, mu, sigma, configs[c.aware_target])
         # Scoring the defenses needs no gradient, so it may run on a faster backend; attacks
-        # always differentiate through the reference.
-        self.backend = None
-        if c.backend != "reference":
-            from apudae_engine.backends.selection import get_backend
-
-            self.backend = get_backend(c.backend, self.device)
-        self.scorer = BatchScorer(c, self.classifier, dae, self.defenses, self.backend)
+        # (the target) always differentiate through the reference.
+        self.defenses: dict[str, Purifier | None] = {
+            d: None if d == "none" else Purifier(dae, mu, sigma, configs[d], backend=c.backend)
+            for d in c.defenses}
+        self.target = Purifier(dae, mu, sigma, configs[c.aware_target])
+        # What scores the defenses (auto resolved); an unusable --backend raises here.
+        self.defense_backend = "reference" if c.backend == "reference" else Purifier(
+            dae, mu, sigma, configs["adaptive"], backend=c.backend).backend_report(
+                self.device)["backend"]
+        self.scorer = BatchScorer(c, self.classifier, self.base, self.defenses)
         self.store: PartStore | None = None  # OUT/parts, from open_parts
         self.scheduler: Scheduler | None = None  # its batches, from open_parts
         self._t_start = time.perf_counter()
@@ -117,21 +115,6 @@ class Evaluator:
         if source is None:
             raise UserError(f"no classifier beside {c.model}; pass --classifier PATH")
         return str(source)
-
-    def run_rows(self, rows: list[str | AttackSpec], count: int, batch: int, purifier,
-                 title: str, table: str | None = None) -> list[Row]:
-        """Craft each row's inputs for the first ``count`` images and score every defense.
-
-        With ``table`` (after :meth:`open_parts`) each batch goes through the parts folder:
-        batches already there are read, the others computed and written, and batches other
-        workers hold are waited for. Without, everything is computed in memory.
-        """
-        job = Table(table or "", rows, min(count, len(self.data)), batch, purifier, title)
-        if table is None or self.store is None:
-            return merge_rows([self._score_batch(job, *b)
-                               for b in job.batches(self.config.offset)])
-        self.compute([job])
-        return self.scheduler.rows(job)
 
     def _score_batch(self, t: Table, g: int, start: int, stop: int,
                      heartbeat=None) -> list[Row]:
@@ -172,8 +155,7 @@ class Evaluator:
     def open_parts(self, fresh: bool = False) -> PartStore:
         """Use OUT/parts for this run's batches (``fresh``: delete it first)."""
         self.store = PartStore(Path(self.config.out_dir) / "parts", self.identity(), fresh)
-        scored_with = {"device": str(self.device),
-                       "backend": self.backend.name if self.backend else "reference"}
+        scored_with = {"device": str(self.device), "backend": self.defense_backend}
         self.scheduler = Scheduler(self.store, self.config.offset, list(self.defenses),
                                    scored_with)
         return self.store
@@ -255,7 +237,7 @@ class Evaluator:
             "aware_n": min(c.aware_limit, len(self.data)) if c.aware_attacks else 0,
             "quick": c.quick, "seed": c.seed, "attack_seed": f"seed + {SEED_STRIDE} * batch index",
             "offset": c.offset,
-            "defense_backend": self.backend.name if self.backend else "reference",
+            "defense_backend": self.defense_backend,
             "eps_linf": c.eps, "eps_l2": c.eps_l2,
             "eot": c.eot, "draws": c.draws, "held_out_seeds": held_out_seeds(c.draws),
             "restarts": c.restarts, "batch_size": c.batch_size,

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from apudae_engine.backends.purifier import Purifier
+from apudae_engine import Purifier
 from apudae_engine.core.progress import progress
 from apudae_engine.evaluation import parts
 from apudae_engine.evaluation.attacks import AttackSpec

@@ -15,14 +15,12 @@ from dataclasses import replace
 
 import torch
 
-from apudae_engine.backends.purifier import Purifier
-from apudae_engine.core.numerics import ieee_fp32_convolutions
+from apudae_engine import Purifier
 from apudae_engine.evaluation.attacks import AttackSpec, perturbation_norm, run_attack
 from apudae_engine.evaluation.attacks.aware import held_out_seeds
 from apudae_engine.evaluation.config import EvalConfig
 from apudae_engine.evaluation.outcomes import Row
 from apudae_engine.evaluation.schedule import Table
-from apudae_engine.method.purification import purify, reconstruction_error
 
 log = logging.getLogger(__name__)
 
@@ -35,19 +33,18 @@ class BatchScorer:
     Args:
         config: the run's resolved settings (eps, seed, draws, aware_target, examples).
         classifier: the classifier under attack, in eval mode on the images' device.
-        dae: the DAE whose reconstruction error each input gets.
-        defenses: defense name -> its purifier (None: the bare classifier), in table order.
-        backend: a faster backend the defenses purify with when scored (None: the
-            reference); attacks always differentiate through the reference.
+        base: the calibrated purifier whose DAE gives each input's reconstruction error.
+        defenses: defense name -> its purifier (None: the bare classifier), in table order;
+            each purifies with its own backend (a faster one may score; attacks always
+            differentiate through the reference).
     """
 
-    def __init__(self, config: EvalConfig, classifier: torch.nn.Module, dae: torch.nn.Module,
-                 defenses: dict[str, Purifier | None], backend=None) -> None:
+    def __init__(self, config: EvalConfig, classifier: torch.nn.Module, base: Purifier,
+                 defenses: dict[str, Purifier | None]) -> None:
         self.config = config
         self.classifier = classifier
-        self.dae = dae
+        self.base = base
         self.defenses = defenses
-        self.backend = backend
 
     def _inputs(self, row: str | AttackSpec, x: torch.Tensor, y: torch.Tensor, seed: int,
                 purifier: Purifier | None):
@@ -63,11 +60,8 @@ class BatchScorer:
     @torch.no_grad()
     def _predict(self, name: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pur = self.defenses[name]
-        if pur is not None and self.backend is not None:
-            x = self.backend.purify(pur.dae, x, pur.mu, pur.sigma, pur.config).images
-        elif pur is not None:
-            with ieee_fp32_convolutions(x.device):  # scored as the engine runs it
-                x = purify(pur.dae, x, pur.config, pur.mu, pur.sigma).images
+        if pur is not None:
+            x = pur.purify(x).images  # scored as the engine runs it
         return self.classifier(x).argmax(1), x
 
     def _held_out_correct(self, pur: Purifier, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -89,8 +83,7 @@ class BatchScorer:
             t_attack = acc.attack_seconds = time.perf_counter() - t0
             if acc.norm is not None:
                 acc.norms.append(perturbation_norm(adv, x, acc.norm).cpu())
-            with torch.no_grad():
-                acc.errors.append(reconstruction_error(self.dae, adv).cpu())
+            acc.errors.append(self.base.reconstruction_error(adv).cpu())
             for name in self.defenses:
                 t0 = time.perf_counter()
                 pred, shown = self._predict(name, adv)
@@ -117,8 +110,7 @@ def held_out_correct(pur: Purifier, classifier: torch.nn.Module, x: torch.Tensor
     ``pur``'s prediction correct: (N,) int64."""
     count = torch.zeros(x.shape[0], dtype=torch.int64)
     for seed in held_out_seeds(draws):
-        with ieee_fp32_convolutions(x.device):
-            xp = purify(pur.dae, x, pur.config.with_(seed=seed), pur.mu, pur.sigma).images
+        xp = pur.purify(x, seed=seed).images
         count += (classifier(xp).argmax(1) == y).cpu().to(torch.int64)
     return count
 

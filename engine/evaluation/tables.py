@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from apudae_engine.backends.purifier import Purifier
+from apudae_engine import Purifier
 from apudae_engine.evaluation.attacks.aware import held_out_seeds
 from apudae_engine.evaluation.config import EvalConfig
 from apudae_engine.evaluation.outcomes import Row

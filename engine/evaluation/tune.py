@@ -45,12 +45,10 @@ from typing import Any
 
 import torch
 
-from apudae_engine._version import __version__
-from apudae_engine.backends.purifier import Purifier
+from apudae_engine import Purifier, PurifyConfig, __version__
 from apudae_engine.core.errors import UserError
 from apudae_engine.core.files import write_atomic
 from apudae_engine.core.host import describe, resolve_device
-from apudae_engine.core.numerics import ieee_fp32_convolutions
 from apudae_engine.core.progress import progress
 from apudae_engine.evaluation.attacks import AttackSpec, attack_class, run_attack
 from apudae_engine.evaluation.config import EPSILONS
@@ -64,8 +62,7 @@ from apudae_engine.method.checkpoint import (
     update_metadata,
 )
 from apudae_engine.method.checkpoint_schema import TUNED_LIMITS, validate_metadata
-from apudae_engine.method.config import TUNABLE, PurifyConfig
-from apudae_engine.method.purification import purify
+from apudae_engine.method.config import TUNABLE
 
 log = logging.getLogger(__name__)
 
@@ -216,13 +213,13 @@ class Tuner:
 
     def _score(self, settings: dict[str, float]) -> Candidate:
         c = self.config
-        config = self.purify_config(settings, c.seed)
-        purifier = Purifier(self.model, self.mu, self.sigma, config)
+        # One purifier per setting: the attack crafts against it, the scores are its own.
+        purifier = Purifier(self.model, self.mu, self.sigma, self.purify_config(settings, c.seed))
         clean_correct = 0
         n_clean = min(c.clean_limit, len(self.data))
         for start in range(0, n_clean, c.clean_batch_size):
             x, y = self._batch(start, min(start + c.clean_batch_size, n_clean))
-            clean_correct += int(self._correct(x, y, config).sum())
+            clean_correct += int(self._correct(x, y, purifier).sum())
         n_attack = min(c.attack_limit, len(self.data))
         seed_ok = mean_ok = all_ok = 0.0
         backward, t0 = 0, time.perf_counter()
@@ -234,7 +231,7 @@ class Tuner:
                                   seed=c.seed + SEED_STRIDE * b, draws=c.draws)
                 result = run_attack(spec, self.classifier, x, y, purifier)
                 backward += result.budget.purifier_backward
-                seed_ok += float(self._correct(result.images, y, config).sum())
+                seed_ok += float(self._correct(result.images, y, purifier).sum())
                 counts = held_out_correct(purifier, self.classifier, result.images, y,
                                           c.draws).float()
                 mean_ok += float((counts / c.draws).sum())
@@ -258,9 +255,8 @@ class Tuner:
         return x, self.data.labels[start:stop].to(self.device)
 
     @torch.no_grad()
-    def _correct(self, x: torch.Tensor, y: torch.Tensor, config: PurifyConfig) -> torch.Tensor:
-        with ieee_fp32_convolutions(self.device):
-            xp = purify(self.model, x, config, self.mu, self.sigma).images
+    def _correct(self, x: torch.Tensor, y: torch.Tensor, purifier: Purifier) -> torch.Tensor:
+        xp = purifier.purify(x).images  # the reference, on the defense's own seed
         return (self.classifier(xp).argmax(1) == y).cpu()
 
 

@@ -40,6 +40,7 @@ from collections import Counter
 
 import torch
 
+from apudae_engine import reconstruction_error
 from apudae_engine.evaluation.attacks.aware import (
     ATTACK_SEED_SPACE,
     DefenseAwareAttack,
@@ -253,8 +254,6 @@ class APGDBelowMu(APGD, name="apgd-below-mu", label="APGD, r kept below mu - 0.2
     mode, default_loss, uses_eot, threshold_sigmas = "below-mu", "margin", False, 0.25
 
     def objective(self, adv, y, step, restart):
-        from apudae_engine.method.purification import reconstruction_error
-
         spec, pur, n = self.spec, self.purifier, adv.shape[0]
         sigma = pur.effective_sigma
         threshold = pur.mu - self.threshold_sigmas * sigma

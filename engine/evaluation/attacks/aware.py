@@ -25,7 +25,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from apudae_engine.backends.purifier import Purifier
+from apudae_engine import Purifier, reconstruction_error
 from apudae_engine.evaluation.attacks.base import Attack, AttackSpec, classifier_loss, project
 
 
@@ -36,25 +36,14 @@ def purified_logits(classifier: nn.Module, purifier: Purifier, x: torch.Tensor, 
 
     ``gradient`` (with ``differentiable``): ``autograd`` differentiates the reference loop
     (double backward through every step); ``hvp`` takes each step's Hessian-vector product as
-    one JVP and one VJP through the DAE (:mod:`apudae_engine.method.fast_gradient`, exact
-    for a piecewise-linear DAE); ``auto`` uses ``hvp`` where it is exact.
+    one JVP and one VJP through the DAE (exact for a piecewise-linear DAE); ``auto`` uses
+    ``hvp`` where it is exact (:meth:`Purifier.purify`).
     """
-    from apudae_engine.method.fast_gradient import adaptive_purify_hvp, piecewise_linear
-    from apudae_engine.method.purification import purify
-
-    cfg = purifier.config.with_(seed=seed)
     if not differentiable:
         with torch.no_grad():
-            out = purify(purifier.dae, x, cfg, purifier.mu, purifier.sigma, image_ids).images
-            return classifier(out)
-    if gradient == "auto":
-        gradient = "hvp" if (cfg.method != "direct" and piecewise_linear(purifier.dae)) \
-            else "autograd"
-    if gradient == "hvp":
-        out = adaptive_purify_hvp(purifier.dae, x, purifier.mu, purifier.sigma, cfg, image_ids)
-    else:
-        out = purify(purifier.dae, x, cfg, purifier.mu, purifier.sigma, image_ids, True).images
-    return classifier(out)
+            return classifier(purifier.purify(x, image_ids, seed=seed).images)
+    out = purifier.purify(x, image_ids, differentiable=True, seed=seed, gradient=gradient)
+    return classifier(out.images)
 
 
 # Seeds the attacks draw noise with lie below 2**31; held-out evaluation draws lie above
@@ -84,8 +73,6 @@ def eot_objective(mode: str, classifier: nn.Module, purifier: Purifier, x: torch
     The loss value is always that of the true purifier. ``gradient``: how ``full`` takes it
     (:func:`purified_logits`).
     """
-    from apudae_engine.method.purification import purify
-
     grad = torch.zeros_like(x)
     value = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
     wrong = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
@@ -97,9 +84,7 @@ def eot_objective(mode: str, classifier: nn.Module, purifier: Purifier, x: torch
                                          gradient)
             else:
                 with torch.no_grad():
-                    cfg = purifier.config.with_(seed=seed)
-                    xp = purify(purifier.dae, xr, cfg, purifier.mu, purifier.sigma,
-                                image_ids).images
+                    xp = purifier.purify(xr, image_ids, seed=seed).images
                 surrogate = xr if mode == "bpda" else purifier.dae(xr).clamp(0, 1)
                 logits = classifier(surrogate + (xp - surrogate).detach())
             per_image = classifier_loss(logits, y, loss)
@@ -206,8 +191,6 @@ class BelowMu(DefenseAwareAttack, name="below-mu", label="stay below mu"):
     default_steps, quick_steps, default_loss = 100, 10, "margin"
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        from apudae_engine.method.purification import reconstruction_error
-
         spec, classifier, purifier = self.spec, self.model, self.purifier
         mu, sigma = purifier.mu, purifier.effective_sigma
         best = x.clone()

@@ -7,7 +7,7 @@ import torch
 from robust_task import load_trained, quadrant_set
 from torch import nn
 
-from apudae_engine.backends.purifier import Purifier
+from apudae_engine import Purifier
 from apudae_engine.evaluation.attacks import AttackSpec, attack_class, run_attack
 from apudae_engine.evaluation.attacks.apgd import (
     APGDCE,

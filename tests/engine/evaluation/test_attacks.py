@@ -8,7 +8,7 @@ import pytest
 import torch
 from robust_task import load_trained, quadrant_set
 
-from apudae_engine.backends.purifier import Purifier
+from apudae_engine import Purifier
 from apudae_engine.evaluation.attacks import (
     LIBRARY_ATTACKS,
     AttackSpec,

@@ -184,3 +184,16 @@ def test_offset_splits_a_run_into_parts_with_the_same_per_image_results(quadrant
     with pytest.raises(UserError, match="--offset must be a non-negative multiple"):
         EvalConfig(offset=3, batch_size=4, **{k: v for k, v in common.items()
                                                if k not in ("batch_size",)})
+
+
+def test_defenses_score_on_the_chosen_backend_and_attacks_craft_on_the_reference(
+        quadrant_data, tmp_path):
+    """Every defense is a Purifier with --backend; the attacks' target keeps the reference
+    (the only differentiable path); what scores is recorded resolved (auto -> compiled)."""
+    ev = evaluation.Evaluator(EvalConfig(model=str(trained_model_folder()), backend="auto",
+                                         out_dir=str(tmp_path)))
+    assert {d: p and p.backend for d, p in ev.defenses.items()} == {
+        "none": None, **{d: "auto" for d in DEFENSES[1:]}}
+    assert ev.target.backend == "reference"
+    expected = ev.defenses["adaptive"].backend_report()["backend"]
+    assert ev.defense_backend == expected

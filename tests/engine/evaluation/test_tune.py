@@ -12,7 +12,7 @@ import torch
 from robust_task import quadrant_set, trained_model_folder
 
 import apudae_engine.evaluation.tune as tuning
-from apudae_engine.backends.purifier import Purifier
+from apudae_engine import Purifier
 from apudae_engine.cli import main
 from apudae_engine.cli.tune import _grid
 from apudae_engine.evaluation.tune import Candidate, TuneConfig, choose, method_settings, tune

@@ -1,10 +1,10 @@
-"""The same attacks through ART (APuDAE as an ART defence) and through the engine's suite.
+"""The same attacks through ART (APuDAE as an ART defense) and through the engine's suite.
 
-    python benchmarks/art_defence_check.py [--limit 64] [--steps 10] [--out DIR]
+    python benchmarks/art_defense_check.py [--limit 64] [--steps 10] [--out DIR]
 
 On the first ``--limit`` Fashion-MNIST test images with the bundled ``fmnist`` models:
 
-1. ART's loss gradient through :class:`PurificationDefence` against the engine's
+1. ART's loss gradient through :class:`PurificationDefense` against the engine's
    ``eot_gradient`` (exact through the loop, BPDA identity, BPDA DAE; 2 EOT draws): the largest
    difference relative to the gradient's largest entry.
 2. L-inf eps 0.1 PGD with the identity BPDA (``bpda``, 1 draw per step) and with the exact
@@ -25,7 +25,7 @@ import torch
 
 from apudae_engine.backends.purifier import Purifier
 from apudae_engine.core.host import describe
-from apudae_engine.evaluation.art_defence import PurificationDefence, defended_classifier
+from apudae_engine.evaluation.art_defense import PurificationDefense, defended_classifier
 from apudae_engine.evaluation.attacks import AttackSpec, run_attack
 from apudae_engine.evaluation.attacks.aware import eot_gradient
 from apudae_engine.images.datasets import load_dataset
@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--eps", type=float, default=0.1)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="benchmarks/results/eval/fmnist-art-defence")
+    ap.add_argument("--out", default="benchmarks/results/eval/fmnist-art-defense")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     t_start = time.perf_counter()
@@ -57,12 +57,12 @@ def main() -> None:
     gradients = {}
     for mode in ("full", "bpda", "bpda-dae"):
         xs, ys = x[:16], y[:16]
-        defence = PurificationDefence(purifier, gradient=mode, eot_samples=2, seed=3)
-        est = defended_classifier(classifier, defence, (1, 28, 28), k,
+        defense = PurificationDefense(purifier, gradient=mode, eot_samples=2, seed=3)
+        est = defended_classifier(classifier, defense, (1, 28, 28), k,
                                   loss=torch.nn.CrossEntropyLoss(reduction="sum"))
         art_grad = torch.from_numpy(est.loss_gradient(
             xs.numpy(), torch.nn.functional.one_hot(ys, k).float().numpy())) / 2
-        ours = eot_gradient(mode, classifier, purifier, xs, ys, defence.seeds_for_call(0))
+        ours = eot_gradient(mode, classifier, purifier, xs, ys, defense.seeds_for_call(0))
         gradients[mode] = {"images": 16, "eot": 2, "max_relative_difference": (
             (art_grad - ours).abs().max() / ours.abs().max()).item()}
 
@@ -74,9 +74,9 @@ def main() -> None:
         ours = run_attack(AttackSpec(name, eps=a.eps, steps=steps, eot=1), classifier, x, y,
                           purifier=purifier).images
         t_ours = time.perf_counter() - t0
-        defence = PurificationDefence(purifier, gradient=mode, eot_samples=1, seed=11)
+        defense = PurificationDefense(purifier, gradient=mode, eot_samples=1, seed=11)
         pgd = ProjectedGradientDescentPyTorch(
-            defended_classifier(classifier, defence, (1, 28, 28), k), eps=a.eps,
+            defended_classifier(classifier, defense, (1, 28, 28), k), eps=a.eps,
             eps_step=2.5 * a.eps / steps, max_iter=steps, num_random_init=1,
             batch_size=len(x), verbose=False)
         np.random.seed(0)
@@ -87,7 +87,7 @@ def main() -> None:
                          "suite": {"accuracy": accuracy(ours), "seconds": round(t_ours, 1)},
                          "art": {"accuracy": accuracy(through_art), "seconds": round(t_art, 1),
                                  "linf_max": (through_art - x).abs().max().item()}}
-    results = {"command": f"python benchmarks/art_defence_check.py --limit {a.limit} "
+    results = {"command": f"python benchmarks/art_defense_check.py --limit {a.limit} "
                           f"--steps {a.steps} --eps {a.eps} --threads {a.threads}",
                "data": data.source, "n": len(x), "clean_accuracy": accuracy(x),
                "gradients": gradients, "attacks": attacks,
@@ -98,7 +98,7 @@ def main() -> None:
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     n = len(x)
     se = lambda p: 100 * (p * (1 - p) / n) ** 0.5  # noqa: E731
-    lines = [f"# APuDAE as an ART defence: ART vs the engine's suite, {data.source}", "",
+    lines = [f"# APuDAE as an ART defense: ART vs the engine's suite, {data.source}", "",
              f"Command: `{results['command']}` ({results['wall_seconds']:.0f} s, "
              f"{results['hardware']['cpu']}, {a.threads} torch thread(s), "
              f"ART {results['hardware'].get('art')}).  ",

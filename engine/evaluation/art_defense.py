@@ -1,4 +1,4 @@
-"""APuDAE as an ART defence: purification as a ``PreprocessorPyTorch``, so ART's estimators and
+"""APuDAE as an ART defense: purification as a ``PreprocessorPyTorch``, so ART's estimators and
 attacks (EOT included) run against classifier(purify(x)) with no glue.
 
 ``forward`` purifies exactly as the engine does (the purifier's settings, noise keyed by the
@@ -16,11 +16,11 @@ it returns one draw per image.
 Example::
 
     from art.attacks.evasion import ProjectedGradientDescentPyTorch
-    from apudae_engine.evaluation.art_defence import PurificationDefence, defended_classifier
+    from apudae_engine.evaluation.art_defense import PurificationDefense, defended_classifier
 
-    defence = PurificationDefence(Purifier.from_pretrained("fmnist"), gradient="full",
+    defense = PurificationDefense(Purifier.from_pretrained("fmnist"), gradient="full",
                                   eot_samples=4)
-    estimator = defended_classifier(classifier, defence, input_shape=(1, 28, 28), nb_classes=10)
+    estimator = defended_classifier(classifier, defense, input_shape=(1, 28, 28), nb_classes=10)
     adv = ProjectedGradientDescentPyTorch(estimator, eps=0.1, eps_step=0.01,
                                           max_iter=20).generate(x, y)   # NumPy, NCHW in [0, 1]
 """
@@ -33,14 +33,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from apudae_engine.backends.purifier import Purifier
+from apudae_engine import Purifier
 from apudae_engine.evaluation.attacks.library import art, art_classifier
 
 GRADIENTS = ("full", "bpda", "bpda-dae")
 PreprocessorPyTorch = art("art.defences.preprocessor.preprocessor").PreprocessorPyTorch
 
 
-class PurificationDefence(PreprocessorPyTorch):
+class PurificationDefense(PreprocessorPyTorch):
     """APuDAE purification as an ART PyTorch preprocessor (``apply_predict`` only).
 
     Args:
@@ -71,14 +71,11 @@ class PurificationDefence(PreprocessorPyTorch):
         return [(1_000_003 * (self.seed + 1) + call * k + j) % 2**31 for j in range(k)]
 
     def _purify(self, x: torch.Tensor, seed: int, differentiable: bool) -> torch.Tensor:
-        from apudae_engine.method.purification import purify
-
         p = self.purifier
-        cfg = p.config.with_(seed=seed)
         if differentiable and self.gradient == "full":
-            return purify(p.dae, x, cfg, p.mu, p.sigma, differentiable=True).images
+            return p.purify(x, differentiable=True, seed=seed, gradient="autograd").images
         with torch.no_grad():
-            out = purify(p.dae, x, cfg, p.mu, p.sigma).images
+            out = p.purify(x, seed=seed).images
         if not differentiable:
             return out
         surrogate = self._surrogate(x)
@@ -114,10 +111,10 @@ class PurificationDefence(PreprocessorPyTorch):
         """Nothing to fit: the DAE and its calibration come trained."""
 
 
-def defended_classifier(classifier: nn.Module, defence: PurificationDefence,
+def defended_classifier(classifier: nn.Module, defense: PurificationDefense,
                         input_shape: tuple[int, ...], nb_classes: int,
                         loss: nn.Module | None = None) -> Any:
     """An ART ``PyTorchClassifier`` for classifier(purify(x)) on [0, 1] images."""
-    device = next(defence.purifier.dae.parameters()).device
+    device = next(defense.purifier.dae.parameters()).device
     return art_classifier(classifier, input_shape, nb_classes, device, loss=loss,
-                          preprocessing_defences=[defence])
+                          preprocessing_defences=[defense])
