@@ -1,7 +1,7 @@
 """The documentation's figures, drawn from committed records by this script, never by hand.
 
 - ``architecture.png``: the layers of the import-linter contract in pyproject.toml (the one
-  ``lint-imports`` enforces in CI), each box with its package's one-line docstring.
+  ``lint-imports`` enforces in CI), each box with its package's docstring summary.
 - ``throughput.png``: images/s and speed-up against the reference from the ``apudae-engine
   bench`` records in benchmarks/results/ (``THROUGHPUT_RECORDS``).
 - ``r_histogram.png``: the reconstruction error of clean and attacked test images from the
@@ -91,6 +91,23 @@ def forbidden_contracts(pyproject: Path = ROOT / "pyproject.toml") -> list[dict]
     return [c for c in config["contracts"] if c["type"] == "forbidden"]
 
 
+def unlayered_roots(pyproject: Path = ROOT / "pyproject.toml") -> list[str]:
+    """The contract's root packages that the layers do not cover (apudae_kernels)."""
+    config = _toml(pyproject)["tool"]["importlinter"]
+    layered = {m.split(".")[0] for layer in contract_layers(pyproject) for m, _ in layer}
+    return [r for r in config["root_packages"] if r not in layered]
+
+
+def _short(module: str) -> str:
+    return module.removeprefix("apudae_engine.")
+
+
+def contract_notes() -> list[str]:
+    """One line per forbidden contract: its name, and what its sources never import."""
+    return [f"{c['name']}: {', '.join(map(_short, c['source_modules']))} never imports "
+            f"{', '.join(map(_short, c['forbidden_modules']))}" for c in forbidden_contracts()]
+
+
 def package_folder(module: str, pyproject: Path = ROOT / "pyproject.toml") -> Path:
     """The source folder of an import name, through pyproject's package-dir mapping."""
     mapping = _toml(pyproject)["tool"]["setuptools"]["package-dir"]
@@ -99,10 +116,10 @@ def package_folder(module: str, pyproject: Path = ROOT / "pyproject.toml") -> Pa
 
 
 def package_summary(module: str) -> str:
-    """The first line of the package's ``__init__`` docstring."""
+    """The first paragraph of the package's ``__init__`` docstring, on one line."""
     init = package_folder(module) / "__init__.py"
     doc = ast.get_docstring(ast.parse(init.read_text())) if init.exists() else None
-    return (doc or "").strip().splitlines()[0] if doc else ""
+    return " ".join((doc or "").strip().split("\n\n")[0].split())
 
 
 def architecture_png() -> bytes:
@@ -123,9 +140,11 @@ def architecture_png() -> bytes:
         heights.append(0.55 + line * max(t.count("\n") + 1 for t in texts))
     gap = 0.3
     height = sum(heights) + gap * len(layers)
-    fig, ax = plt.subplots(figsize=(12.5, height * 0.9 + 0.4))
+    note_lines = 2 + sum(len(textwrap.wrap(n, 150)) for n in contract_notes())
+    bottom = 0.25 + 0.19 * note_lines
+    fig, ax = plt.subplots(figsize=(12.5, (height + bottom) * 0.9 + 0.3))
     ax.set_xlim(-0.9, width + side + 0.4)
-    ax.set_ylim(-0.35, height + 0.1)
+    ax.set_ylim(-bottom, height + 0.1)
     ax.axis("off")
 
     def box(x, y, w, h, title, text, dashed=False, color="#e8f0fa"):
@@ -148,18 +167,18 @@ def architecture_png() -> bytes:
     ax.text(-0.62, height / 2, "a layer imports only the layers below it", rotation=90,
             va="center", ha="center", fontsize=9)
     y = gap / 2
-    for contract in forbidden_contracts():
-        source = contract["source_modules"][0]
-        text = wrapped(f"{package_summary(source)} Contract '{contract['name']}': "
-                       f"{', '.join(contract['source_modules'])} never imports "
-                       f"{', '.join(contract['forbidden_modules'])}.", side - 0.4)
+    for root in unlayered_roots():
+        text = wrapped(package_summary(root), side - 0.4)
         h = 0.55 + line * (text.count("\n") + 1)
-        folder = package_folder(source).relative_to(ROOT).as_posix() + "/"
+        folder = package_folder(root).relative_to(ROOT).as_posix() + "/"
         box(width + 0.4, y, side - 0.2, h, folder, text, color="#f4ecf7")
         y += h + gap
-    ax.text(0, -0.25, "Boxes side by side do not import each other; a dashed box is a layer the "
-            "contract marks optional. Drawn from pyproject.toml by scripts/docs_figures.py.",
-            fontsize=8, color="#555")
+    notes = ["Boxes side by side do not import each other; a dashed box is a layer the "
+             "contract marks optional. The other contracts:"]
+    notes += [textwrap.fill(n, 150, initial_indent="- ", subsequent_indent="  ")
+              for n in contract_notes()]
+    notes.append("Drawn from pyproject.toml by scripts/docs_figures.py.")
+    ax.text(0, -0.15, "\n".join(notes), fontsize=8, color="#444", va="top", linespacing=1.35)
     ax.set_title("The layers of pyproject.toml's import-linter contract (lint-imports, in CI)",
                  fontsize=11)
     return _png(fig)

@@ -106,7 +106,7 @@ def test_the_architecture_figure_has_a_described_package_per_layer():
     for layer in layers:
         for module, _ in layer:
             assert (docs_figures.package_folder(module) / "__init__.py").is_file(), module
-            assert docs_figures.package_summary(module), f"{module}: no one-line docstring"
+            assert docs_figures.package_summary(module), f"{module}: no docstring summary"
 
 
 def test_every_figure_a_page_shows_is_made_by_the_build():
