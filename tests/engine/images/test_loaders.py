@@ -142,7 +142,7 @@ def test_dali_jpeg_close_to_pillow(dali, tmp_path):
     ours = dali.load_batch(paths, (3, 28, 28), LIMIT)
     assert ours.ok == cpu.ok == list(range(12))
     # DALI's CPU decoder is libjpeg-turbo with Pillow's settings: equal in practice; the bound
-    # leaves room for other libjpeg-turbo builds (nvJPEG on a GPU differs more, see README).
+    # leaves room for other libjpeg-turbo builds (nvJPEG on a GPU differs more, see docs/purify.md).
     assert (ours.images - cpu.images).abs().max() <= 2 / 255
 
 
