@@ -3,9 +3,8 @@
 ``package_whole`` compiles the exported whole purification (``export --whole``:
 images, image ids, seed -> purified images and per-image report; dynamic batch) into a ``.pt2``
 package that ``torch::inductor::AOTIModelPackageLoader`` loads without Python; the runner in
-``runner/`` only decodes images, calls it and writes the results. ``package_step`` does the
-same for the step graph alone (images -> r, dr/dy). Compilation needs a C++ compiler and
-takes from tens of seconds (the step) to several minutes (the unrolled loop) on the CPU.
+``runner/`` only decodes images, calls it and writes the results. Compilation needs a C++
+compiler and takes several minutes (the unrolled loop) on the CPU.
 """
 
 from __future__ import annotations
@@ -15,9 +14,6 @@ import logging
 from pathlib import Path
 
 import torch
-from torch import nn
-
-from apudae_engine.backends.export import export_program
 
 log = logging.getLogger(__name__)
 
@@ -32,13 +28,6 @@ def package_program(program: torch.export.ExportedProgram, path: str | Path) -> 
     with torch.no_grad():
         out = aoti_compile_and_package(program, package_path=str(path))
     return Path(out)
-
-
-def package_step(dae: nn.Module, input_shape: tuple[int, int, int], path: str | Path,
-                 max_batch: int = 4096) -> Path:
-    """Compile the step graph of ``dae`` into an AOTInductor package at ``path`` (.pt2)."""
-    return package_program(export_program(dae, input_shape, max_batch), path)
-
 
 
 def package_whole(sidecar: str | Path) -> Path:

@@ -47,14 +47,13 @@ def register_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=int, default=4096, help="largest batch the graph takes")
     p.add_argument("--no-onnx", action="store_true", help="write the .pt2 program only")
     p.add_argument("--opset", type=int, default=18, help="ONNX opset (default 18)")
-    p.add_argument("--aoti", action="store_true", help="also compile OUT.aoti.pt2, an "
-                   "AOTInductor package (with --whole: what the C++ runner loads; needs a C++ "
-                   "compiler; minutes)")
     w = p.add_argument_group("whole purification (--whole)")
     w.add_argument("--whole", action="store_true", help="export the complete adaptive "
                    "purification (noise, hinge, Adam, clip, every step) instead of one step: "
                    "images [, image_ids, seed] -> purified, r_before, r_after, active_steps, "
                    "flagged")
+    w.add_argument("--aoti", action="store_true", help="also compile OUT.aoti.pt2, the "
+                   "AOTInductor package the C++ runner loads (needs a C++ compiler; minutes)")
     w.add_argument("--with-classifier", nargs="?", const="default", default=None,
                    metavar="CLASSIFIER", help="append the classifier (the bundled model's, or "
                    "a name or path) so the graph also outputs logits")
@@ -78,6 +77,8 @@ def _cmd_export(a: argparse.Namespace) -> int:
 
     if a.max_batch < 1:
         raise UserError(f"--max-batch must be at least 1, got {a.max_batch}")
+    if a.aoti and not a.whole:
+        raise UserError("--aoti compiles the whole purification for the C++ runner; add --whole")
     ck, mu, sigma = _load_dae(a.model)
     stem = Path(a.out)
     if stem.suffix in (".pt2", ".onnx", ".json"):
@@ -87,11 +88,6 @@ def _cmd_export(a: argparse.Namespace) -> int:
     paths = export_step(ck.model, ck.input_shape, stem, mu=mu, sigma=sigma,
                         max_batch=a.max_batch, onnx=not a.no_onnx, opset=a.opset,
                         source={"checkpoint": str(ck.path), "weights_sha256": ck.weights_sha256})
-    if a.aoti:
-        from apudae_engine.backends.aoti import package_step
-
-        paths["aoti"] = package_step(ck.model, ck.input_shape, stem.with_suffix(".aoti.pt2"),
-                                     a.max_batch)
     for kind, path in paths.items():
         print(f"{kind}: {path}")
     return 0

@@ -221,8 +221,3 @@ def load_classifier(model: str | Path = DEFAULT_MODEL, classifier: str | Path | 
     ckpt = load_checkpoint(source, "classifier")
     ckpt.model.to(device)
     return ckpt
-
-
-def model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
-    p = next(model.parameters())
-    return p.dtype, p.device

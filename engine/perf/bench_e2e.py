@@ -98,10 +98,6 @@ def random_rednet_checkpoint(stem: Path, size: int, layers: int, width: int,
         training={"command": "bench_e2e: random weights, not trained"}))
 
 
-def _has_loader_field() -> bool:
-    return "loader" in {f.name for f in dataclasses.fields(FolderJob)}
-
-
 def bench_size(size: int, count: int, loaders: list[str], work: Path, batch: int, workers: int,
                device: torch.device, layers: int, width: int,
                repeat: int = 1, backend: str = "reference",
@@ -152,7 +148,6 @@ def bench_size(size: int, count: int, loaders: list[str], work: Path, batch: int
             synchronize(device)
             t_decode = time.perf_counter() - t0
         compute(decoded[0][: min(batch, 64)], ids[: min(batch, 64)])  # warm-up
-        e2e_runs = _has_loader_field() or name == "cpu"
         t_purify, e2e = float("inf"), None
         for _ in range(repeat):
             synchronize(device)
@@ -161,9 +156,8 @@ def bench_size(size: int, count: int, loaders: list[str], work: Path, batch: int
                 compute(x, ids[k * batch:k * batch + len(x)])
             synchronize(device)
             t_purify = min(t_purify, time.perf_counter() - t0)
-            if e2e_runs:
-                run = _run_e2e(job, name, count)
-                e2e = run if e2e is None or run["seconds"] < e2e["seconds"] else e2e
+            run = _run_e2e(job, name, count)
+            e2e = run if e2e is None or run["seconds"] < e2e["seconds"] else e2e
         del decoded
         row = {"size": size, "loader": name, "count": count, "batch": batch, "repeat": repeat,
                "decode_ips": round(count / t_decode, 1),
@@ -178,10 +172,9 @@ def bench_size(size: int, count: int, loaders: list[str], work: Path, batch: int
 
 
 def _run_e2e(job: FolderJob, loader: str, count: int) -> dict[str, Any]:
-    extra = {"loader": loader} if _has_loader_field() else {}
     shutil.rmtree(job.output_dir, ignore_errors=True)
     t0 = time.perf_counter()
-    summary = purify_folder(dataclasses.replace(job, **extra))
+    summary = purify_folder(dataclasses.replace(job, loader=loader))
     t_all = time.perf_counter() - t0
     # Model loading and set-up are not throughput: the summary's clock starts at the first
     # batch and stops after the last record.
@@ -237,8 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         for size, count in zip(a.sizes, counts):
             rows += bench_size(size, count, a.loaders, Path(tmp), a.batch, a.workers, device,
                                a.layers, a.width, a.repeat, a.backend, a.precision)
-    info = machine() | {"device": str(device), "backend": a.backend, "precision": a.precision,
-                        "pipeline_loader_option": _has_loader_field()}
+    info = machine() | {"device": str(device), "backend": a.backend, "precision": a.precision}
     print(json.dumps(info))
     print(format_table(rows))
     if a.json:

@@ -130,3 +130,11 @@ def test_export_command_rejects_a_bad_batch_bound(tiny_model, tmp_path, capsys):
     assert main(["export", "--model", str(tiny_model), "--out", str(tmp_path / "s"),
                  "--max-batch", "0"]) == 2
     assert "--max-batch" in capsys.readouterr().err
+
+
+def test_export_aoti_is_for_the_whole_purification(tiny_model, tmp_path, capsys):
+    # The C++ runner loads only the whole-purification package; a step package had no user.
+    assert main(["export", "--model", str(tiny_model), "--out", str(tmp_path / "s"),
+                 "--aoti"]) == 2
+    assert "add --whole" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
