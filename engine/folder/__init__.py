@@ -1,1 +1,1 @@
-"""Purifying folders: the output-folder contract (names, records, resume), local and Ray runs."""
+"""Purifying folders: output-folder contract, run order, batch rule, local and Ray runs."""

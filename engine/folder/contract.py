@@ -3,7 +3,8 @@
 Layout of an output folder::
 
     OUT/run.json          what makes the run (settings, model hashes, input folder) and what ran
-    OUT/manifest.jsonl    one JSON record per input image (ok or error), sorted at the end
+    OUT/manifest.jsonl    one JSON record per input image (ok, rejected or error), sorted at
+                          the end
     OUT/summary.json      totals of the folder and a list ``runs``: each invocation's counts
     OUT/preview.png       optional grid: input | purified | amplified difference
     OUT/.lock             the advisory lock of the run in progress (pid, host, start time)
@@ -16,7 +17,8 @@ uninterrupted runs write the same bytes. Either command resumes the other's fold
 
 A record holds the input's size and mtime (``source``) and the output's size (``bytes``): a
 rerun redoes an image whose output went missing or changed size, and refuses (without
-``--overwrite``) a folder whose recorded inputs changed.
+``--overwrite``) a folder whose recorded inputs changed. A ``rejected`` record (a flagged image
+under ``--reject-flagged``) has no output file and counts as done.
 """
 
 from __future__ import annotations
@@ -24,14 +26,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import re
 from collections.abc import Iterable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from apudae_engine._version import __version__
 from apudae_engine.core.errors import UserError
@@ -39,15 +40,18 @@ from apudae_engine.core.files import write_atomic
 from apudae_engine.folder.guard import LOCK_FILE, output_error
 from apudae_engine.method.config import PurifyConfig
 
+if TYPE_CHECKING:
+    from apudae_engine.folder.batch import ImageOutcome
+
 log = logging.getLogger(__name__)
 MANIFEST, RUN_FILE, SUMMARY, PREVIEW = "manifest.jsonl", "run.json", "summary.json", "preview.png"
 _OWN_FILES = {MANIFEST, RUN_FILE, SUMMARY, PREVIEW, LOCK_FILE}
-NOT_FINITE = "purified result holds NaN or Inf (check the model's weights and calibration)"
 
 
 @dataclass
 class Summary:
-    """Counts of a run over a folder; ``ok`` and ``flagged`` include resumed images.
+    """Counts of a run over a folder; ``ok``, ``rejected`` and ``flagged`` include resumed
+    images (``flagged`` counts the rejected ones too).
 
     ``run`` says what ran in this invocation (backend, precision, loader); ``finish`` adds it,
     with this invocation's counts, to the ``runs`` list of summary.json.
@@ -55,8 +59,10 @@ class Summary:
 
     total: int = 0
     ok: int = 0
+    rejected: int = 0
     failed: int = 0
     resumed: int = 0
+    resumed_rejected: int = 0  # of ``resumed``, the rejected ones
     flagged: int = 0
     seconds: float = 0.0
     verify: list[dict] = field(default_factory=list)
@@ -67,9 +73,14 @@ class Summary:
     run: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def recorded(self) -> int:
+        """Images with a record in the manifest (resumed ones included)."""
+        return self.ok + self.rejected + self.failed
+
+    @property
     def images_per_second(self) -> float:
         """Images handled by this invocation (resumed ones excluded) per second."""
-        done = self.ok + self.failed - self.resumed
+        done = self.recorded - self.resumed
         return done / self.seconds if self.seconds > 0 else 0.0
 
 
@@ -173,16 +184,22 @@ def run_seed(out: Path, config: PurifyConfig) -> tuple[PurifyConfig, str]:
 
 
 def run_identity(purifier, config: dict[str, Any], precision: str, classifier_sha256: str | None,
-                 input_dir: Path) -> dict[str, Any]:
+                 input_dir: Path, reject_flagged: bool = False) -> dict[str, Any]:
     """What makes two runs the same run: a rerun resumes only when all of this is equal.
 
     The input folder is part of it: the same output folder with another input is refused.
+    So is ``reject_flagged`` (present only when set, so that folders written before the
+    option existed still resume).
     """
     ck = purifier.checkpoint
-    return {"engine": __version__, "dae_sha256": ck.weights_sha256 if ck else None,
-            "mu": purifier.mu, "sigma": purifier.sigma, "classifier_sha256": classifier_sha256,
-            "config": config, "input_shape": list(purifier.input_shape or []),
-            "precision": precision, "input": os.fsdecode(os.path.realpath(input_dir))}
+    identity = {"engine": __version__, "dae_sha256": ck.weights_sha256 if ck else None,
+                "mu": purifier.mu, "sigma": purifier.sigma,
+                "classifier_sha256": classifier_sha256, "config": config,
+                "input_shape": list(purifier.input_shape or []), "precision": precision,
+                "input": os.fsdecode(os.path.realpath(input_dir))}
+    if reject_flagged:
+        identity["reject_flagged"] = True
+    return identity
 
 
 def source_of(path: Path) -> dict[str, int] | None:
@@ -198,8 +215,9 @@ def prepare_output(out: Path, identity: dict[str, Any], overwrite: bool,
                    planned: dict[str, str], sources: dict[str, dict | None],
                    run: dict[str, Any] | None = None) -> dict[str, dict]:
     """Validate the output folder (under its lock) and write run.json; return the records of
-    images that need no work: recorded ok, same output name, output present with its recorded
-    size. ``planned`` maps each input to its output name, ``sources`` to its size and mtime.
+    images that need no work: recorded rejected, or recorded ok with the same output name and
+    the output present with its recorded size. ``planned`` maps each input to its output name,
+    ``sources`` to its size and mtime.
 
     Refused without ``overwrite``: a folder holding other files, another run's results (other
     settings, models or input folder), or recorded inputs that changed since.
@@ -240,6 +258,9 @@ def prepare_output(out: Path, identity: dict[str, Any], overwrite: bool,
         raise output_error(exc, out) from None
     done = {}
     for p, r in records.items():
+        if r.get("status") == "rejected" and p in planned:
+            done[p] = r  # no output to check: rejected is the answer
+            continue
         if r.get("status") != "ok" or r.get("output") != planned.get(p):
             continue
         try:
@@ -315,37 +336,34 @@ def commit_records(manifest: IO[str], summary: Summary, records: list[dict]) -> 
     ``summary`` and log the errors; a failed append counts nothing."""
     append_records(manifest, records)
     for rec in records:
-        if rec["status"] == "ok":
-            summary.ok += 1
+        if rec["status"] in ("ok", "rejected"):
+            summary.ok += rec["status"] == "ok"
+            summary.rejected += rec["status"] == "rejected"
             summary.flagged += int(rec["flagged"])
         else:
             log.error("%s", rec["error"])
             summary.failed += 1
 
 
-def image_record(path: str, *, error: str | None = None, output: str | None = None,
-                 r_before: float = 0.0, r_after: float = 0.0, threshold: float | None = None,
-                 active_steps: int = 0, steps: int = 0, label_before: int | None = None,
-                 label_after: int | None = None, labels: list[str] | None = None,
+def image_record(path: str, *, error: str | None = None, outcome: ImageOutcome | None = None,
+                 output: str | None = None, steps: int = 0, labels: list[str] | None = None,
                  source: dict | None = None, nbytes: int | None = None) -> dict:
-    """The manifest record of one input: an error record when ``error`` is given (or when
-    ``r_before``/``r_after`` are not finite), else an ok record (``flagged`` when
-    ``r_before > threshold``; class names from ``labels``). ``source`` is the input's size
-    and mtime (:func:`source_of`), ``nbytes`` the output's size."""
-    if error is None and not (math.isfinite(r_before) and math.isfinite(r_after)):
-        error = f"{path}: {NOT_FINITE}"
+    """The manifest record of one input: an error record when ``error`` is given or the
+    ``outcome`` (:class:`~apudae_engine.folder.batch.ImageOutcome`) is an error; a rejected
+    record (no output, no label after purification) when it is rejected; else an ok record
+    writing ``output``. Class names come from ``labels``, ``source`` is the input's size and
+    mtime (:func:`source_of`), ``nbytes`` the output's size."""
+    if error is None and outcome.status == "error":
+        error = outcome.error
     if error is not None:
         rec = {"path": path, "status": "error", "error": error}
     else:
-        rec = {"path": path, "status": "ok", "output": output,
-               "r_before": round(float(r_before), 6), "r_after": round(float(r_after), 6),
-               "flagged": threshold is not None and bool(r_before > threshold),
-               "active_steps": int(active_steps), "steps": int(steps)}
-        if label_before is not None:
-            rec["label_before"], rec["label_after"] = int(label_before), int(label_after)
-            if labels:
-                rec["class_before"] = labels[int(label_before)]
-                rec["class_after"] = labels[int(label_after)]
+        ok = outcome.status == "ok"
+        rec = {"path": path, "status": outcome.status, **({"output": output} if ok else {}),
+               "r_before": round(float(outcome.r_before), 6),
+               "r_after": round(float(outcome.r_after), 6), "flagged": bool(outcome.flagged),
+               "active_steps": int(outcome.active_steps), "steps": int(steps)}
+        rec.update(outcome.label_fields(labels))
         if nbytes is not None:
             rec["bytes"] = int(nbytes)
     if source is not None:
@@ -356,7 +374,9 @@ def image_record(path: str, *, error: str | None = None, output: str | None = No
 def resumed_summary(out: Path, total: int, todo: int, done: dict[str, dict]) -> Summary:
     """The run's Summary before any work: the images recorded by an earlier run count as done."""
     summary = Summary(total=total, resumed=total - todo)
-    summary.ok = summary.resumed
+    summary.rejected = sum(1 for r in done.values() if r.get("status") == "rejected")
+    summary.resumed_rejected = summary.rejected
+    summary.ok = summary.resumed - summary.rejected
     summary.flagged = sum(1 for r in done.values() if r.get("flagged"))
     if summary.resumed:
         log.info("resuming: %d of %d images already done in %s", summary.resumed, total, out)
@@ -375,11 +395,14 @@ def finish(out: Path, summary: Summary, preview: list) -> None:
     runs = []
     with suppress(OSError, ValueError, AttributeError):
         runs = list(json.loads((out / SUMMARY).read_text()).get("runs", []))
-    runs.append({**summary.run, "ok": summary.ok - summary.resumed, "failed": summary.failed,
-                 "resumed": summary.resumed, "seconds": round(summary.seconds, 3),
+    resumed_ok = summary.resumed - summary.resumed_rejected
+    runs.append({**summary.run, "ok": summary.ok - resumed_ok,
+                 "rejected": summary.rejected - summary.resumed_rejected,
+                 "failed": summary.failed, "resumed": summary.resumed,
+                 "seconds": round(summary.seconds, 3),
                  "images_per_second": round(summary.images_per_second, 1)})
-    doc = {"total": summary.total, "ok": summary.ok, "failed": summary.failed,
-           "resumed": summary.resumed, "flagged": summary.flagged,
+    doc = {"total": summary.total, "ok": summary.ok, "rejected": summary.rejected,
+           "failed": summary.failed, "resumed": summary.resumed, "flagged": summary.flagged,
            "seconds": round(summary.seconds, 3),
            "images_per_second": round(summary.images_per_second, 1),
            "stage_seconds": {k: round(v, 3) for k, v in summary.stage_seconds.items()}}
@@ -393,11 +416,12 @@ def finish(out: Path, summary: Summary, preview: list) -> None:
         from apudae_engine.images.preview import write_preview
 
         write_preview(out / PREVIEW, preview)
-    worked = summary.ok + summary.failed - summary.resumed
+    worked = summary.recorded - summary.resumed
     rate = f"{summary.images_per_second:.1f} img/s" if worked else "nothing left to do"
-    log.info("done: %d ok (%d resumed), %d failed, %d flagged as likely adversarial; %s; "
-             "manifest %s", summary.ok, summary.resumed, summary.failed, summary.flagged,
-             rate, out / MANIFEST)
+    rejected = f"{summary.rejected} rejected, " if summary.rejected else ""
+    log.info("done: %d ok (%d resumed), %s%d failed, %d flagged as likely adversarial; %s; "
+             "manifest %s", summary.ok, summary.resumed, rejected, summary.failed,
+             summary.flagged, rate, out / MANIFEST)
     if summary.failed:
         log.warning("%d images could not be purified; see the error records in %s",
                     summary.failed, out / MANIFEST)

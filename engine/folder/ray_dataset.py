@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from apudae_engine.core.errors import BackendUnavailable, UserError
-from apudae_engine.folder.contract import NOT_FINITE, image_record, path_identity
+from apudae_engine.folder.contract import path_identity
 from apudae_engine.images.codec import (
     DEFAULT_MAX_PIXELS,
     ImageError,
@@ -76,25 +76,31 @@ class PurifyBatches:
         root: paths in the ``path`` column are taken relative to it for the noise identity.
         encode_png: return PNG bytes in a ``png`` column instead of the ``image`` column.
         max_pixels: larger encoded files are refused (decompression bombs).
+        reject_flagged: flagged rows get the status ``rejected`` and no image (zeros, or
+            empty PNG bytes) instead of their purified image.
     Input columns: ``image`` (uint8, 16-bit grey or float in [0, 1]; (H, W), (H, W, C) or
     (C, H, W), taken as (H, W, C) when the last axis has at most 4 entries) or ``bytes``;
     optional ``path`` (``root`` must be a prefix of its values) or ``id``; other columns are
     passed through.
-    Output columns: ``image`` uint8 (N, H, W, C) at the model's size (zeros for rows that
-    failed), ``status`` ("ok"/"error"), ``error``, ``image_id``, ``r_before``, ``r_after``,
+    Output columns: ``image`` uint8 (N, H, W, C) at the model's size (zeros for rows with
+    no output), ``status`` ("ok", "rejected" or "error"; the rule is
+    :mod:`apudae_engine.folder.batch`'s), ``error``, ``image_id``, ``r_before``, ``r_after``,
     ``flagged``, ``active_steps``, ``steps``, ``ran`` (what purified the row, as the actor's
     ``Purifier.backend_report()`` in JSON) and, with a classifier, ``label_before``,
-    ``label_after`` (-1 on error rows), ``class_before``, ``class_after``.
+    ``label_after`` (-1 on error rows; ``label_after`` -1 on rejected rows too),
+    ``class_before``, ``class_after``.
     Error rows: ``bytes`` that cannot be decoded, and results holding NaN or Inf; an ``image``
     of a shape, dtype or range the engine cannot use raises :class:`UserError` naming the row.
     """
 
     def __init__(self, model: str | Path = "fmnist", config: PurifyConfig | None = None,
-                 device: str = "auto", backend: str = "reference", precision: str = "fp32",
+                 device: str = "auto", backend: str = "auto", precision: str = "fp32",
                  classifier: str | Path | None = None, root: str | Path | None = None,
-                 encode_png: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+                 encode_png: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 reject_flagged: bool = False) -> None:
         from apudae_engine.backends.purifier import Purifier
         from apudae_engine.core.host import resolve_device
+        from apudae_engine.folder.batch import BatchPurifier
         from apudae_engine.method.checkpoint import load_classifier
 
         self.device = resolve_device(device)
@@ -104,12 +110,14 @@ class PurifyBatches:
             raise UserError(f"{model}: checkpoint has no input shape")
         clf = load_classifier(model, classifier, self.device)
         self.clf, self.labels = (None, None) if clf is None else (clf.model, clf.meta.get("labels"))
+        self.batches = BatchPurifier(self.purifier, self.clf, reject_flagged)
         self.root = None if root is None else str(root)
         self.encode_png, self.max_pixels = encode_png, max_pixels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
 
+        from apudae_engine.folder.batch import ERROR, OK
         from apudae_engine.images.codec import to_uint8
 
         n = len(next(iter(batch.values()))) if batch else 0
@@ -117,39 +125,40 @@ class PurifyBatches:
         images, errors = self._images(batch, names)
         c, h, w = self.purifier.input_shape
         ok = [i for i in range(n) if i not in errors]
+        status = np.array([ERROR if i in errors else OK for i in range(n)], object)
         out_u8 = np.zeros((n, c, h, w), np.uint8)
         r_before, r_after = np.full(n, np.nan), np.full(n, np.nan)
+        flagged = np.zeros(n, bool)
         active, labels_before, labels_after = (np.full(n, -1, np.int64) for _ in range(3))
         if ok:
             x = torch.stack([images[i] for i in ok]).to(self.device)
             id_t = None if ids is None else torch.tensor(ids[ok], device=self.device)
-            with torch.no_grad():
-                result = self.purifier.purify(x, id_t)
-                pur = result.images
-                r_after[ok] = self.purifier.reconstruction_error(pur).cpu().numpy()
-                if self.clf is not None:
-                    labels_before[ok] = self.clf(x).argmax(1).cpu().numpy()
-                    labels_after[ok] = self.clf(pur).argmax(1).cpu().numpy()
+            done = self.batches(x, id_t, [names[i] for i in ok])
             if ids is None:  # report the fingerprint the purifier keyed the noise with
                 from apudae_engine.method.purification import image_fingerprint
 
                 ids = np.zeros(n, np.int64)
                 ids[ok] = image_fingerprint(x).cpu().numpy()
-            out_u8[ok] = to_uint8(pur)
-            r_before[ok] = result.error_before.cpu().numpy()
-            active[ok] = result.active_steps.cpu().numpy()
-            for i in ok:  # never an "ok" row from NaN/Inf (it would quantise to black)
-                if not (np.isfinite(r_before[i]) and np.isfinite(r_after[i])):
-                    errors[i] = f"{names[i]}: {NOT_FINITE}"
-                    out_u8[i] = 0
-        threshold = self.purifier.flag_threshold()
+            purified = to_uint8(done.images)
+            for j, (i, o) in enumerate(zip(ok, done.outcomes)):
+                status[i], r_before[i], r_after[i] = o.status, o.r_before, o.r_after
+                active[i], flagged[i] = o.active_steps, o.flagged
+                if o.status == ERROR:
+                    errors[i] = o.error
+                    continue
+                if o.label_before is not None:
+                    labels_before[i] = o.label_before
+                if o.status == OK:
+                    out_u8[i] = purified[j]
+                    if o.label_after is not None:
+                        labels_after[i] = o.label_after
         out = {k: v for k, v in batch.items() if k not in ("image", "bytes")}
         if self.encode_png:
-            out["png"] = np.array([b"" if i in errors else encode_png(out_u8[i])
+            out["png"] = np.array([encode_png(out_u8[i]) if status[i] == OK else b""
                                    for i in range(n)], dtype=object)
         else:
             out["image"] = out_u8.transpose(0, 2, 3, 1)
-        out["status"] = np.array(["error" if i in errors else "ok" for i in range(n)], object)
+        out["status"] = status
         out["error"] = np.array([errors.get(i, "") for i in range(n)], object)
         out["image_id"] = np.zeros(n, np.int64) if ids is None else np.asarray(ids, np.int64)
         out["r_before"], out["r_after"] = r_before, r_after
@@ -157,18 +166,12 @@ class PurifyBatches:
         out["steps"] = np.full(n, self.purifier.config.steps, np.int64)
         ran = json.dumps(self.purifier.backend_report(self.device), sort_keys=True)
         out["ran"] = np.array([ran] * n, dtype=object)
-        # The manifest's fields, from the one record builder (error rows keep their defaults).
-        records = [image_record(names[i], r_before=r_before[i], threshold=threshold,
-                                label_before=None if self.clf is None else labels_before[i],
-                                label_after=None if self.clf is None else labels_after[i],
-                                labels=self.labels) if i not in errors else {}
-                   for i in range(n)]
-        out["flagged"] = np.array([r.get("flagged", False) for r in records], bool)
+        out["flagged"] = flagged
         if self.clf is not None:
             out["label_before"], out["label_after"] = labels_before, labels_after
             if self.labels:
-                for key in ("class_before", "class_after"):
-                    out[key] = np.array([r.get(key, "") for r in records], object)
+                for key, col in (("class_before", labels_before), ("class_after", labels_after)):
+                    out[key] = np.array([self.labels[v] if v >= 0 else "" for v in col], object)
         return out
 
     def _identities(self, batch: dict[str, np.ndarray], n: int):
@@ -256,10 +259,11 @@ def _image_tensor(arr: np.ndarray, name: str, shape: tuple[int, int, int]):
 
 def purify_dataset(ds: Dataset, model: str | Path = "fmnist", config: PurifyConfig | None = None,
                    *, classifier: str | Path | None = None, root: str | Path | None = None,
-                   device: str = "auto", backend: str = "reference", precision: str = "fp32",
+                   device: str = "auto", backend: str = "auto", precision: str = "fp32",
                    encode_png: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
                    batch_size: int = 512, concurrency: int | tuple[int, int] | None = None,
-                   num_gpus: float = 0.0, num_cpus: float | None = None) -> Dataset:
+                   num_gpus: float = 0.0, num_cpus: float | None = None,
+                   reject_flagged: bool = False) -> Dataset:
     """Purify a Ray Dataset on an actor pool; returns the mapped Dataset (lazy).
 
     Args: see :class:`PurifyBatches` for the model and column arguments.
@@ -284,7 +288,7 @@ def purify_dataset(ds: Dataset, model: str | Path = "fmnist", config: PurifyConf
     config = (config or PurifyConfig()).with_secret_seed()
     kwargs = dict(model=model, config=config, device=device, backend=backend,
                   precision=precision, classifier=classifier, root=root, encode_png=encode_png,
-                  max_pixels=max_pixels)
+                  max_pixels=max_pixels, reject_flagged=reject_flagged)
     resources = {"num_gpus": num_gpus} if num_gpus else {}
     if num_cpus is not None:
         resources["num_cpus"] = num_cpus

@@ -12,10 +12,8 @@ images; either command resumes the other's folder).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
-import math
 import os
 import re
 import time
@@ -23,29 +21,20 @@ from pathlib import Path
 
 import numpy as np
 
-from apudae_engine.backends.purifier import Purifier
-from apudae_engine.backends.selection import backend_for_job
 from apudae_engine.core.errors import UserError
 from apudae_engine.core.files import write_atomic
 from apudae_engine.core.progress import progress
+from apudae_engine.folder.batch import ERROR, OK, ImageOutcome
 from apudae_engine.folder.contract import (
     MANIFEST,
     InputFile,
     Summary,
-    check_folders,
-    commit_records,
-    discover_inputs,
-    finish,
     image_record,
-    prepare_output,
     remove_partial_files,
-    resumed_summary,
-    run_identity,
-    run_seed,
 )
-from apudae_engine.folder.guard import ONE_FILE_ERRORS, output_error, output_lock, stopped_error
-from apudae_engine.folder.local import FolderJob, load_job_classifier
+from apudae_engine.folder.guard import ONE_FILE_ERRORS, output_error, stopped_error
 from apudae_engine.folder.ray_dataset import import_ray, purify_dataset
+from apudae_engine.folder.run import FolderJob, FolderRun, folder_run
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +45,8 @@ def purify_folder_ray(job: FolderJob, address: str | None = None,
     """``purify_folder`` with Ray Data doing the decoding, purifying and PNG encoding.
 
     Writes PNGs, manifest.jsonl, run.json and summary.json as ``purify_folder`` does (no
-    preview); ``job.loader``, ``workers``, ``preview`` and ``verify_every`` are not used.
+    preview), in the same order (:func:`apudae_engine.folder.run.folder_run`); ``job.loader``,
+    ``workers``, ``preview`` and ``verify_every`` are not used.
     Args:
         address: a running cluster ("auto", "ray://HOST:PORT"); None starts a local Ray (or
             uses the one this process already started).
@@ -64,65 +54,27 @@ def purify_folder_ray(job: FolderJob, address: str | None = None,
     The input folder must be readable at the same path on every node (a shared file system);
     only the driver writes the output.
     """
-    check_folders(job.input_dir, job.output_dir)
-    root = job.input_dir.resolve()
-    inputs = discover_inputs(job.input_dir, job.follow_symlinks)
-    if not inputs:
-        raise UserError(f"no images (png, jpg, jpeg, bmp, tif, tiff, webp) under {job.input_dir}")
-    for item in inputs:
-        if item.refused is None and not _utf8(item.rel):
-            # Ray reads paths as UTF-8 text; such a file is recorded, not lost in a traceback.
-            item.refused = (f"{item.path}: name is not valid UTF-8, which Ray cannot read; "
-                            "rename it or use `apudae-engine purify`")
-    # Loaded here only for the run identity (hashes, mu, sigma) and to fail before Ray starts.
-    # The driver settles the noise seed, so every actor purifies with the same one.
-    config, seed_source = run_seed(job.output_dir, job.config)
-    job = dataclasses.replace(job, config=config)
-    purifier = Purifier.from_pretrained(job.model, job.config, "cpu")
-    job = dataclasses.replace(job, config=purifier.config)  # with the model's tuned settings
-    _, labels, clf_sha = load_job_classifier(job, "cpu") or (None, None, None)
-    identity = run_identity(purifier, job.config.to_dict(), job.precision, clf_sha, root)
-    backend = backend_for_job(job.backend, job.precision, len(inputs))
-    # What the actors ran is known once they have run (the "ran" column); until then, asked.
-    ran = {"backend": {"requested": job.backend, "backend": backend,
-                       "precision": job.precision}, "loader": "ray", "device": job.device,
-           "seed": seed_source}
-    with output_lock(job.output_dir):
-        done = prepare_output(job.output_dir, identity, job.overwrite,
-                              {i.rel: i.output for i in inputs},
-                              {i.rel: i.source for i in inputs}, ran)
-        todo = [i for i in inputs if i.rel not in done]
-        summary = resumed_summary(job.output_dir, len(inputs), len(todo), done)
-        summary.run = ran
-        t_start = time.perf_counter()
-        write_seconds = _run(job, root, todo, summary, backend, purifier.flag_threshold(),
-                             labels, address, concurrency, num_gpus, num_cpus)
-        summary.seconds = time.perf_counter() - t_start
+    with folder_run(job, on_ray=True, refuse=_unreadable_by_ray) as run:
         # Decoding, purifying and encoding run in the actors; only the driver's writes are timed.
-        summary.stage_seconds = {"write": write_seconds}
-        finish(job.output_dir, summary, [])
-    return summary
+        run.summary.stage_seconds = {"write": _run(run, address, concurrency, num_gpus,
+                                                   num_cpus)}
+    return run.summary
 
 
-def _utf8(name: str) -> bool:
+def _unreadable_by_ray(item: InputFile) -> str | None:
     try:
-        name.encode("utf-8")
+        item.rel.encode("utf-8")
     except UnicodeEncodeError:
-        return False
-    return True
+        # Ray reads paths as UTF-8 text; such a file is recorded, not lost in a traceback.
+        return (f"{item.path}: name is not valid UTF-8, which Ray cannot read; rename it or "
+                "use `apudae-engine purify`")
+    return None
 
 
-def _run(job: FolderJob, root: Path, todo: list[InputFile], summary: Summary, backend: str,
-         threshold: float | None, labels: list[str] | None, address, concurrency, num_gpus,
-         num_cpus) -> float:
-    """Purify ``todo`` on Ray and write the results; returns the driver's write seconds."""
-    refused = [i for i in todo if i.refused]
-    todo = [i for i in todo if not i.refused]
-    with open(job.output_dir / MANIFEST, "a") as mf:
-        if refused:
-            commit_records(mf, summary, [image_record(i.rel, error=i.refused, source=i.source)
-                                  for i in refused])
-    if not todo:
+def _run(run: FolderRun, address, concurrency, num_gpus, num_cpus) -> float:
+    """Purify ``run.todo`` on Ray and write the results; returns the driver's write seconds."""
+    job, root = run.job, run.job.input_dir.resolve()
+    if not run.todo:
         return 0.0
     ray = import_ray()
     started = not ray.is_initialized()
@@ -134,20 +86,20 @@ def _run(job: FolderJob, root: Path, todo: list[InputFile], summary: Summary, ba
     if not log.isEnabledFor(logging.DEBUG):  # our bar and log lines say the same
         context.enable_progress_bars = False
         ray_log.setLevel(logging.CRITICAL)  # a failure is re-raised below
-    log.info("purifying %d images from %s with %s on Ray (%s)", len(todo), job.input_dir,
+    log.info("purifying %d images from %s with %s on Ray (%s)", len(run.todo), job.input_dir,
              job.model, ray.get_runtime_context().gcs_address)
     try:
         # Reading bytes is I/O. Were a read to need a CPU, it could wait forever behind
         # actors that hold every CPU (--actors N on N cores). Decoding runs in the actors.
-        ds = ray.data.read_binary_files([os.path.join(root, i.rel) for i in todo],
+        ds = ray.data.read_binary_files([os.path.join(root, i.rel) for i in run.todo],
                                         include_paths=True, num_cpus=0)
         ds = purify_dataset(ds, job.model, job.config, classifier=job.classifier, root=root,
-                            device=job.device, backend=backend,
+                            device=job.device, backend=run.backend,
                             precision=job.precision, encode_png=True,
                             max_pixels=job.max_pixels, batch_size=job.batch_size,
-                            concurrency=concurrency, num_gpus=num_gpus, num_cpus=num_cpus)
-        return _write_results(ds, job, root, {i.rel: i for i in todo}, summary, threshold,
-                              labels)
+                            concurrency=concurrency, num_gpus=num_gpus, num_cpus=num_cpus,
+                            reject_flagged=job.reject_flagged)
+        return _write_results(ds, run, root)
     except UserError:
         raise
     except Exception as exc:
@@ -162,23 +114,22 @@ def _run(job: FolderJob, root: Path, todo: list[InputFile], summary: Summary, ba
             ray.shutdown()
 
 
-def _write_results(ds, job: FolderJob, root: Path, by_rel: dict[str, InputFile],
-                   summary: Summary, threshold: float | None,
-                   labels: list[str] | None) -> float:
+def _write_results(ds, run: FolderRun, root: Path) -> float:
     """Write each output batch's PNGs, then append and fsync its records; returns seconds.
 
     A write that fails for want of space (or any output error but one file's name) stops the
     run: what is recorded stays, this batch's unrecorded files are removed, a rerun resumes.
     """
+    job, summary = run.job, run.summary
+    by_rel = {i.rel: i for i in run.todo}
     seconds, reports = 0.0, set()
-    with progress(total=summary.total, initial=summary.resumed, desc="purify",
-                  unit="img") as bar, open(job.output_dir / MANIFEST, "a") as mf:
+    with progress(total=summary.total, initial=summary.recorded, desc="purify",
+                  unit="img") as bar:
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             t0 = time.perf_counter()
             records, written = [], []
             try:
-                for fields, png in _records(batch, root, job.input_dir, job.config.steps,
-                                            threshold, labels, by_rel):
+                for fields, png in _records(batch, root, job.config.steps, run.labels, by_rel):
                     if png:  # the file is in place before its record
                         path = job.output_dir / fields["output"]
                         try:
@@ -192,46 +143,47 @@ def _write_results(ds, job: FolderJob, root: Path, by_rel: dict[str, InputFile],
                             written.append(path)
                             fields["nbytes"] = len(png)
                     records.append(image_record(**fields))
-                commit_records(mf, summary, records)
+                run.commit(records)
             except OSError as exc:
                 for path in written:
                     path.unlink(missing_ok=True)
                 with contextlib.suppress(OSError):
                     remove_partial_files(job.output_dir)
                 raise stopped_error(exc, job.output_dir, job.output_dir / MANIFEST,
-                                    summary.ok) from None
+                                    summary.ok + summary.rejected) from None
             seconds += time.perf_counter() - t0
-            bar.set_postfix(ok=summary.ok, failed=summary.failed, flagged=summary.flagged)
+            bar.set_postfix(**run.counts())
             bar.update(len(batch["status"]))
             reports.update(batch["ran"])
     if reports:  # one report, or one per kind of actor (e.g. a fallback on one node)
         found = [json.loads(r) for r in sorted(reports)]
-        summary.run["backend"] = found[0] if len(found) == 1 else found
+        run.ran = found[0] if len(found) == 1 else found
     return seconds
 
 
-def _records(batch: dict[str, np.ndarray], root: Path, input_dir: Path, steps: int,
-             threshold: float | None, labels: list[str] | None, by_rel: dict[str, InputFile]):
-    """Fields of each row's manifest record (for ``contract.image_record``) and PNG bytes."""
+def _records(batch: dict[str, np.ndarray], root: Path, steps: int, labels: list[str] | None,
+             by_rel: dict[str, InputFile]):
+    """Fields of each row's manifest record (for ``contract.image_record``) and PNG bytes
+    (empty where nothing is written: errors and rejected images)."""
+    with_labels = "label_before" in batch
     for i, path in enumerate(batch["path"]):
         path = str(path)
         rel = os.path.relpath(path, root)
         item = by_rel[rel]
-        if batch["status"][i] != "ok":
+        status = str(batch["status"][i])
+        if status == ERROR:
             # Name the file as purify does: the --input folder as given, not the resolved one.
             error = str(batch["error"][i]).replace(path, str(item.path), 1)
             yield {"path": rel, "error": error, "source": item.source}, b""
             continue
-        with_labels = "label_before" in batch
-        fields = dict(path=rel, output=item.output, r_before=float(batch["r_before"][i]),
-                      r_after=float(batch["r_after"][i]), threshold=threshold,
-                      active_steps=batch["active_steps"][i], steps=steps, source=item.source,
-                      label_before=batch["label_before"][i] if with_labels else None,
-                      label_after=batch["label_after"][i] if with_labels else None,
-                      labels=labels)
-        png = bytes(batch["png"][i])
-        ok = math.isfinite(fields["r_before"]) and math.isfinite(fields["r_after"])
-        yield fields, png if ok else b""
+        outcome = ImageOutcome(status, None, float(batch["r_before"][i]),
+                               float(batch["r_after"][i]), int(batch["active_steps"][i]),
+                               bool(batch["flagged"][i]),
+                               int(batch["label_before"][i]) if with_labels else None,
+                               int(batch["label_after"][i]) if with_labels else None)
+        fields = dict(path=rel, outcome=outcome, output=item.output, steps=steps,
+                      labels=labels, source=item.source)
+        yield fields, bytes(batch["png"][i]) if status == OK else b""
 
 
 _ERROR_LINE = re.compile(r"^(apudae_engine(?:\.\w+)*)\.(\w+): (.+)$", re.MULTILINE)

@@ -23,7 +23,7 @@ import threading
 
 from apudae_engine.core.errors import UserError
 from apudae_engine.serve.engine import ServeSettings, ServingEngine
-from apudae_engine.serve.requests import Item, RequestError, parse_request
+from apudae_engine.serve.requests import Item, RequestError, parse_request, response
 
 log = logging.getLogger(__name__)
 APP_NAME = "apudae"
@@ -71,7 +71,8 @@ def build_app(settings: ServeSettings):
             except RequestError as exc:
                 return JSONResponse({"error": str(exc)}, status_code=400)
             results = await asyncio.gather(*(self.purify(item) for item in items))
-            return JSONResponse({"results": list(results)})
+            status, doc = response(list(results))
+            return JSONResponse(doc, status_code=status)
 
         @serve.batch(max_batch_size=settings.max_batch_size,
                      batch_wait_timeout_s=settings.batch_wait_s)

@@ -1,6 +1,11 @@
 """The work behind the endpoint: one loaded purifier (and classifier), warmed once, that
 purifies a batch of request items and returns one result per item. No Ray here.
 
+Each item's result follows :mod:`apudae_engine.folder.batch` (the rule ``purify`` follows):
+``status`` ``ok`` with the purified image, ``rejected`` (``--reject-flagged``, a flagged image)
+without it, or ``error`` naming the image whose result held NaN or Inf
+(:func:`apudae_engine.serve.requests.response` answers that request with HTTP 500).
+
 Example::
 
     engine = ServingEngine(ServeSettings(model="fmnist"))
@@ -17,6 +22,7 @@ import torch
 
 from apudae_engine.backends.purifier import Purifier
 from apudae_engine.core.errors import UserError
+from apudae_engine.folder.batch import ERROR, OK, BatchPurifier
 from apudae_engine.method.checkpoint import load_classifier
 from apudae_engine.method.config import PurifyConfig
 from apudae_engine.method.purification import image_fingerprint
@@ -33,7 +39,11 @@ class ServeSettings:
         model: bundled model name or DAE checkpoint path.
         classifier: classifier name or path; None takes the model's own, ``"none"`` none.
         config: purification settings (adaptive by default).
-        backend, precision: as ``Purifier`` (``reference``, ``compiled`` or ``auto``).
+        backend: as ``Purifier``: ``auto`` (default; compiled where it runs, a server's
+            stream being long enough to repay compiling), ``reference`` or ``compiled``.
+        precision: as ``Purifier``.
+        reject_flagged: flagged images are answered with the status ``rejected`` and no
+            purified image.
         max_batch_size: most images purified together (``@serve.batch``).
         batch_wait_s: how long a batch waits for more requests before it runs.
         host, port: where HTTP listens; the host must be a loopback address.
@@ -43,8 +53,9 @@ class ServeSettings:
     model: str = "fmnist"
     classifier: str | None = None
     config: PurifyConfig = field(default_factory=PurifyConfig)
-    backend: str = "reference"
+    backend: str = "auto"
     precision: str = "fp32"
+    reject_flagged: bool = False
     max_batch_size: int = 32
     batch_wait_s: float = 0.01
     host: str = "127.0.0.1"
@@ -81,19 +92,24 @@ class ServingEngine:
         clf = load_classifier(settings.model, settings.classifier)
         self.classifier = None if clf is None else clf.model.eval()
         self.labels = None if clf is None else clf.meta.get("labels")
-        self.threshold = self.purifier.flag_threshold()
+        self.batches = BatchPurifier(self.purifier, self.classifier, settings.reject_flagged)
+        self.threshold = self.batches.threshold
         t0 = time.perf_counter()
-        self.purify_items([Item(torch.zeros(shape), 0, "array")])  # compile / warm the caches
-        log.info("serve: %s (%s backend) warmed in %.2f s; classifier %s", settings.model,
-                 settings.backend, time.perf_counter() - t0,
+        # compile / warm the caches
+        self.purify_items([Item(torch.zeros(shape), 0, "array", "warm-up")])
+        log.info("serve: %s (backend %s -> %s) warmed in %.2f s; classifier %s",
+                 settings.model, settings.backend,
+                 self.purifier.backend_report("cpu")["backend"], time.perf_counter() - t0,
                  "none" if clf is None else clf.path)
 
     def info(self) -> dict:
-        """What GET answers: the model, its input shape and the settings."""
+        """What GET answers: the model, its input shape, the settings and what runs."""
         return {"model": self.settings.model, "input_shape": list(self.input_shape),
                 "classifier": self.classifier is not None, "labels": self.labels,
                 "backend": self.settings.backend, "settings": self.purifier.config.to_dict(),
-                "flag_threshold": self.threshold}
+                "flag_threshold": self.threshold,
+                "reject_flagged": self.settings.reject_flagged,
+                "ran": self.purifier.backend_report("cpu")}
 
     @torch.no_grad()
     def purify_items(self, items: list[Item]) -> list[dict]:
@@ -103,27 +119,19 @@ class ServingEngine:
         given = [i for i, it in enumerate(items) if it.image_id is not None]
         if given:
             ids[given] = torch.tensor([items[i].image_id for i in given], dtype=torch.int64)
-        result = self.purifier.purify(x, ids)
-        out = result.images
-        r_after = self.purifier.reconstruction_error(out)
-        labels_before = labels_after = None
-        if self.classifier is not None:
-            labels_before = self.classifier(x).argmax(1).tolist()
-            labels_after = self.classifier(out).argmax(1).tolist()
-        r_before, r_after = result.error_before.tolist(), r_after.tolist()
-        active = result.active_steps.tolist()
+        done = self.batches(x, ids, [it.name for it in items])
         results = []
-        for i, it in enumerate(items):
-            res = {"r_before": r_before[i], "r_after": r_after[i], "active_steps": active[i],
-                   "flagged": self.threshold is not None and r_before[i] > self.threshold}
-            if it.output == "png":
-                res["png"] = encode_png_base64(out[i])
-            else:
-                res["array"] = out[i].tolist()
-            if labels_after is not None:
-                res["label_before"], res["label_after"] = labels_before[i], labels_after[i]
-                if self.labels:
-                    res["class_before"] = self.labels[labels_before[i]]
-                    res["class_after"] = self.labels[labels_after[i]]
+        for it, image, o in zip(items, done.images, done.outcomes):
+            if o.status == ERROR:
+                results.append({"status": ERROR, "error": o.error})
+                continue
+            res = {"status": o.status, "r_before": o.r_before, "r_after": o.r_after,
+                   "active_steps": o.active_steps, "flagged": o.flagged}
+            if o.status == OK:
+                if it.output == "png":
+                    res["png"] = encode_png_base64(image)
+                else:
+                    res["array"] = image.tolist()
+            res.update(o.label_fields(self.labels))
             results.append(res)
         return results

@@ -12,10 +12,13 @@ A request is one of:
 
 Images are decoded and resized by the engine's policy (``apudae_engine.images.codec``); arrays
 must already have the model's shape. The response is JSON ``{"results": [RESULT, ...]}``, one
-per image, with ``r_before``, ``r_after``, ``active_steps``, ``flagged``, the purified image
-(``png`` or ``array``) and, with a classifier, ``label_before``/``label_after`` (and
-``class_before``/``class_after`` when the classifier names its labels). A bad request is
-answered with HTTP 400 and ``{"error": "ONE LINE naming the input"}``.
+per image, with ``status``, ``r_before``, ``r_after``, ``active_steps``, ``flagged``, the
+purified image (``png`` or ``array``) and, with a classifier, ``label_before``/``label_after``
+(and ``class_before``/``class_after`` when the classifier names its labels). ``status`` is
+``ok``, or ``rejected`` when the server runs with ``--reject-flagged`` and the image is
+flagged: then there is no purified image and no label after purification. A bad request is
+answered with HTTP 400 and ``{"error": "ONE LINE naming the input"}``; a request with an
+image whose purified result holds NaN or Inf with HTTP 500 and such a line naming it.
 """
 
 from __future__ import annotations
@@ -41,12 +44,13 @@ class RequestError(UserError):
 
 @dataclass
 class Item:
-    """One image of a request: (C, H, W) float32 in [0, 1], its noise id (None: fingerprint)
-    and the output format its result wants."""
+    """One image of a request: (C, H, W) float32 in [0, 1], its noise id (None: fingerprint),
+    the output format its result wants and its name in messages (``body``, ``images[1]``)."""
 
     image: torch.Tensor
     image_id: int | None
     output: str
+    name: str = "body"
 
 
 def parse_request(body: bytes, content_type: str | None,
@@ -57,7 +61,7 @@ def parse_request(body: bytes, content_type: str | None,
         return _parse_json(body, shape)
     if not body:
         raise RequestError("body: empty request; send an image or JSON {\"images\": [...]}")
-    return [Item(_decode(body, "body", shape), None, "png")]
+    return [Item(_decode(body, "body", shape), None, "png", "body")]
 
 
 def _decode(data: bytes, name: str, shape: tuple[int, int, int]) -> torch.Tensor:
@@ -92,7 +96,7 @@ def _parse_json(body: bytes, shape: tuple[int, int, int]) -> list[Item]:
         name = f"{key}[{i}]"
         image = _from_base64(entry, name, shape) if key == "images" else \
             _from_array(entry, name, shape)
-        items.append(Item(image, ids[i], output))
+        items.append(Item(image, ids[i], output, name))
     return items
 
 
@@ -130,6 +134,15 @@ def _from_array(entry, name: str, shape: tuple[int, int, int]) -> torch.Tensor:
     if not np.isfinite(arr).all() or arr.min() < 0.0 or arr.max() > 1.0:
         raise RequestError(f"{name}: values must be finite and in [0, 1]")
     return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+def response(results: list[dict]) -> tuple[int, dict]:
+    """The HTTP status and JSON body for a request's results (in order): 200 and
+    ``{"results": [...]}``, or 500 and the error of the first image that had no result."""
+    for res in results:
+        if res.get("status") == "error":
+            return 500, {"error": res["error"]}
+    return 200, {"results": results}
 
 
 def encode_png_base64(image: torch.Tensor) -> str:

@@ -129,17 +129,8 @@ def test_a_name_that_is_not_utf8_is_purified_and_resumed(tiny_model, image_folde
 
 
 def test_a_result_holding_nan_gets_an_error_record(tiny_model, image_folder, tmp_path,
-                                                   monkeypatch):
-    from apudae_engine.backends.purifier import Purifier
-
-    real = Purifier.purify
-
-    def poisoned(self, x, ids=None, differentiable=False):
-        res = real(self, x, ids, differentiable)
-        res.images[0, 0, 0, 0] = float("nan")  # the first image of each batch
-        return res
-
-    monkeypatch.setattr(Purifier, "purify", poisoned)
+                                                   poison_result):
+    poison_result(0, float("nan"))  # the first image of each batch
     out = tmp_path / "out"
     s = purify_folder(FolderJob(image_folder, out, batch_size=5, model=tiny_model,
                                 classifier="none"))

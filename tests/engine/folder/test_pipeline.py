@@ -208,7 +208,7 @@ def test_kill_and_resume_subprocess(tiny_model, tmp_path):
 
 def test_auto_runs_the_reference_on_small_jobs(tiny_model, image_folder, tmp_path, caplog,
                                                monkeypatch):
-    import apudae_engine.folder.local as pipeline
+    import apudae_engine.folder.run as pipeline
 
     made = []
     real = pipeline.Purifier.from_pretrained

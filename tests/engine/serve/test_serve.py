@@ -103,7 +103,8 @@ def test_settings_refuse_a_public_host():
 def test_engine_equals_purifier_and_classifier(tiny_model):
     from apudae_engine.method.checkpoint import load_classifier
 
-    engine = ServingEngine(ServeSettings(model=str(tiny_model), config=SEED0))
+    engine = ServingEngine(ServeSettings(model=str(tiny_model), config=SEED0,
+                                         backend="reference"))
     digits = list(make_digits(3, seed=4))
     items = parse_request(json.dumps({"images": [_b64(_png(d)) for d in digits],
                                       "ids": [1, 2, 3]}).encode(), "application/json", SHAPE)
@@ -173,7 +174,8 @@ def test_serve_command_on_local_ray(tiny_model, tmp_path):
     env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
     server = subprocess.Popen(
         [sys.executable, "-m", "apudae_engine", "serve", "--model", str(tiny_model), "--port",
-         str(port), "--max-batch", "8", "--batch-wait", "0.05", "--seed", "0"],
+         str(port), "--max-batch", "8", "--batch-wait", "0.05", "--seed", "0", "--backend",
+         "reference"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
         start_new_session=True, cwd=tmp_path)
     children: set[int] = set()
