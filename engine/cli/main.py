@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 
 from apudae_engine._version import __version__
-from apudae_engine.cli.options import add_purify_options, purify_config
+from apudae_engine.cli.options import add_purify_options, add_reject_option, purify_config
 from apudae_engine.core.choices import LOADER_CHOICES
 
 log = logging.getLogger("apudae_engine")
@@ -49,7 +49,7 @@ def _cmd_purify(a: argparse.Namespace) -> int:
                     backend=a.backend, precision=a.precision, verify_every=a.verify_every,
                     overwrite=a.overwrite, preview=a.preview,
                     max_pixels=a.max_pixels, workers=a.workers, loader=a.loader,
-                    follow_symlinks=a.follow_symlinks)
+                    follow_symlinks=a.follow_symlinks, reject_flagged=a.reject_flagged)
     summary = purify_folder(job)
     return 0 if summary.failed == 0 else 1
 
@@ -136,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "dali, then nvjpeg, on a GPU and cpu otherwise")
     p.add_argument("--verify-every", type=int, default=0, metavar="N", help="rerun the "
                    "reference on every N-th batch and log the max pixel difference (0: never)")
+    add_reject_option(p, "its manifest record")
     add_purify_options(p)
     p.set_defaults(func=_cmd_purify)
 

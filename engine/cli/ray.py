@@ -1,5 +1,5 @@
 """``apudae-engine purify-ray``: ``purify`` on Ray Data (argument parsing only; the work is in
-``ray_folder.py``). Building the parser imports neither torch nor ray."""
+``apudae_engine.folder.ray_run``). Building the parser imports neither torch nor ray."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from apudae_engine.cli.options import add_purify_options
+    from apudae_engine.cli.options import add_purify_options, add_reject_option
 
     p = sub.add_parser(
         "purify-ray", help="purify a folder on Ray Data (local or a cluster)",
@@ -26,6 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "this (decompression bombs)")
     p.add_argument("--follow-symlinks", action="store_true", help="read links that point "
                    "outside the input folder (default: an error record for each)")
+    add_reject_option(p, "its manifest record")
     r = p.add_argument_group("ray")
     r.add_argument("--address", default=None, help="cluster to join ('auto', 'ray://HOST:PORT'); "
                    "default: start a local Ray for this run")
@@ -53,7 +54,8 @@ def _cmd_purify_ray(a: argparse.Namespace) -> int:
     job = FolderJob(input_dir=a.input, output_dir=a.output, batch_size=a.batch, model=a.model,
                     classifier=a.classifier, config=purify_config(a), device=a.device,
                     backend=a.backend, precision=a.precision, overwrite=a.overwrite,
-                    max_pixels=a.max_pixels, follow_symlinks=a.follow_symlinks)
+                    max_pixels=a.max_pixels, follow_symlinks=a.follow_symlinks,
+                    reject_flagged=a.reject_flagged)
     summary = purify_folder_ray(job, address=a.address, concurrency=a.actors,
                                 num_gpus=a.gpus_per_actor, num_cpus=a.cpus_per_actor)
     return 0 if summary.failed == 0 else 1

@@ -240,6 +240,30 @@ def test_purify_ray_command_writes_what_purify_writes(ray_local, tiny_model, ima
     assert (out / "b" / "img7.png").read_bytes() == (local / "b" / "img7.png").read_bytes()
 
 
+def test_purify_ray_rejects_what_purify_rejects(ray_local, tiny_model, image_folder, tmp_path,
+                                               flag_k):
+    """Issue 19: --reject-flagged gives the same rejected records, no file for them, and a
+    resumed run keeps them rejected."""
+    local, out = tmp_path / "local", tmp_path / "ray"
+    args = ["--input", str(image_folder), "--model", str(tiny_model), "--batch", "4",
+            "--seed", "0", "--flag-k", flag_k, "--reject-flagged"]
+    assert main(["purify", *args, "--output", str(local)]) == 0
+    assert main(["purify-ray", *args, "--output", str(out), "--actors", "1"]) == 0
+    want, got = read_manifest(local), read_manifest(out)
+    rejected = {p for p, r in want.items() if r["status"] == "rejected"}
+    assert len(rejected) == 5 and {p for p, r in got.items() if r["status"] == "rejected"} == \
+        rejected
+    assert_same_records(got, want)
+    assert png_arrays(out).keys() == png_arrays(local).keys() == \
+        {p for p in want if p not in rejected}
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["ok"], summary["rejected"]) == (5, 5)
+    assert main(["purify-ray", *args, "--output", str(out), "--actors", "1"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed"] == 10 and summary["rejected"] == 5
+    assert read_manifest(out) == got and png_arrays(out).keys() == png_arrays(local).keys()
+
+
 def test_purify_ray_records_hostile_names_and_respects_the_lock(ray_local, tiny_model,
                                                                 image_folder, tmp_path, capsys):
     """Issue 12: a name that is not UTF-8 and a link out of the folder each get one error
