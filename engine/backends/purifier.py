@@ -43,6 +43,9 @@ class Purifier(nn.Module):
             the reference) or ``"compiled"``; ``backend_report()`` says what ran. The
             ``purify``, ``purify-ray`` and ``serve`` commands use ``auto``.
         precision: ``fp32``, or ``bf16``/``fp16`` with a compiled backend.
+        first_batch_check: a non-reference backend compares its first batch with the
+            reference and falls back to it beyond ``verify``'s tolerance; ``verify`` and
+            ``bench`` turn this off to measure the backend itself.
     Shapes: ``forward`` maps (N, C, H, W) float images in [0, 1] to purified images of the
     same shape. When ``x.requires_grad`` and grad mode is on, the whole loop stays on the
     autograd graph, so attacks can differentiate through the defense.
@@ -54,9 +57,11 @@ class Purifier(nn.Module):
 
     def __init__(self, dae: nn.Module, mu: float | None, sigma: float | None,
                  config: PurifyConfig | None = None, checkpoint: Checkpoint | None = None,
-                 backend: str = "reference", precision: str = "fp32") -> None:
+                 backend: str = "reference", precision: str = "fp32",
+                 first_batch_check: bool = True) -> None:
         super().__init__()
         self.backend, self.precision = backend, precision  # see apudae_engine.backends.selection
+        self.first_batch_check = first_batch_check
         self.dae = dae.eval()
         for p in self.dae.parameters():
             p.requires_grad_(False)
@@ -139,7 +144,8 @@ class Purifier(nn.Module):
         self._check_input(x)
         image_ids = _as_image_ids(image_ids, x)
         config = self.config if seed is None else self.config.with_(seed=int(seed))
-        backend = get_backend(self.backend, x.device, self.precision, differentiable)
+        backend = get_backend(self.backend, x.device, self.precision, differentiable,
+                              self.first_batch_check)
         if differentiable:
             return backend.purify(self.dae, x, self.mu, self.sigma, config, image_ids,
                                   differentiable=True, gradient=gradient)
@@ -161,7 +167,8 @@ class Purifier(nn.Module):
         ``auto`` fell back to the reference after a compiled engine failed, else None."""
         if device is None:
             device = next(self.dae.parameters()).device
-        report = get_backend(self.backend, device, self.precision).report()
+        report = get_backend(self.backend, device, self.precision,
+                             check=self.first_batch_check).report()
         return {"requested": self.backend, **report}
 
     def forward(self, x: torch.Tensor,

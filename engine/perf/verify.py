@@ -67,20 +67,21 @@ def verify_backend(dae: nn.Module, images: torch.Tensor, mu: float, sigma: float
 
     The backend's first batch includes its compilation time (reported under ``seconds``).
     """
-    from apudae_engine.backends.selection import get_backend, resolve_backend
-    from apudae_engine.method.purification import reconstruction_error
+    from apudae_engine.backends.purifier import Purifier
+    from apudae_engine.backends.selection import resolve_backend
 
     device = torch.device(device)
     config = config.with_secret_seed()  # the reference and the backend share one seed
     name = resolve_backend(backend, device, precision)
-    # check=False: the backend must not fall back to the reference it is compared with.
-    ref = get_backend("reference", device)
-    other = get_backend(name, device, precision, check=False)
+    dae = dae.to(device).eval()
+    ref = Purifier(dae, mu, sigma, config)
+    # No first-batch check: the backend must not fall back to the reference it is compared with.
+    other = Purifier(dae, mu, sigma, config, backend=name, precision=precision,
+                     first_batch_check=False)
     tol = {**TOLERANCES[precision], **(tolerances or {})}
     rep = VerifyReport(name, precision, int(images.shape[0]), tolerances=tol,
                        seconds={"reference": 0.0, name: 0.0})
     ids_all = torch.arange(images.shape[0]) if image_ids is None else image_ids
-    dae = dae.to(device).eval()
     if classifier is not None:
         classifier = classifier.to(device).eval()
     total_diff, agree, over = 0.0, 0, 0
@@ -90,7 +91,7 @@ def verify_backend(dae: nn.Module, images: torch.Tensor, mu: float, sigma: float
         outs = []
         for key, be in (("reference", ref), (name, other)):
             t0 = time.perf_counter()
-            outs.append(be.purify(dae, x, mu, sigma, config, ids))
+            outs.append(be.purify(x, ids))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             rep.seconds[key] += time.perf_counter() - t0
@@ -102,7 +103,7 @@ def verify_backend(dae: nn.Module, images: torch.Tensor, mu: float, sigma: float
         rep.error_before_max_diff = max(rep.error_before_max_diff,
                                         float((a.error_before - b.error_before).abs().max()))
         with torch.no_grad():
-            ra, rb = reconstruction_error(dae, a.images), reconstruction_error(dae, b.images)
+            ra, rb = ref.reconstruction_error(a.images), ref.reconstruction_error(b.images)
             rep.error_after_max_diff = max(rep.error_after_max_diff, float((ra - rb).abs().max()))
             if classifier is not None:
                 agree += int((classifier(a.images).argmax(1) == classifier(b.images).argmax(1))
