@@ -178,7 +178,10 @@ class CompiledCPU:
             _batch_dynamic(s.x, s.delta, s.m, s.v, r, grad, keys)
             return LoopState(*compiled(s.x, s.delta, s.m, s.v, r, grad, keys, *scalars[t - 1]))
 
-        return run_loop(x.clone(), config.steps, mu, step, update, config.clip)
+        res = run_loop(x.clone(), config.steps, mu, step, update, config.clip)
+        _batch_dynamic(res.images)
+        res.error_after = self.residual(res.images)[0]  # the folded graph: cheaper than eager
+        return res
 
 
 class FixedShapeLoop:

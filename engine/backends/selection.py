@@ -252,7 +252,8 @@ class OptimizedBackend:
             return reference.purify(dae, x, mu, sigma, config, image_ids)
         n = x.shape[0]
         res = PurifyResult(res.images[:n].to(x.dtype), res.error_before[:n],
-                           res.active_steps[:n])
+                           res.active_steps[:n],
+                           None if res.error_after is None else res.error_after[:n])
         if self.check and dae not in self._checked:
             self._checked.add(dae)
             k = min(n, FIRST_BATCH_IMAGES)

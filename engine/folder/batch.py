@@ -104,7 +104,9 @@ class BatchPurifier:
         pixel fingerprints); ``names`` name the images in error messages."""
         result = self.purifier.purify(x, image_ids)
         out = result.images
-        r_after_t = self.purifier.reconstruction_error(out)
+        r_after_t = result.error_after  # computed by the engine where it is cheaper
+        if r_after_t is None:
+            r_after_t = self.purifier.reconstruction_error(out)
         before = after = None
         if self.classifier is not None:
             before = self.classifier(x).argmax(1).tolist()

@@ -49,12 +49,14 @@ class PurifyResult:
 
     ``error_before`` is r(x) of the input; ``active_steps`` counts the steps at which the
     hinge was active (r > mu), i.e. steps that moved the image by gradient (direct and
-    iterative methods count every step).
+    iterative methods count every step). ``error_after`` is r of the purified images where
+    the engine computed it anyway (the compiled CPU loop, with its faster graph), else None.
     """
 
     images: torch.Tensor
     error_before: torch.Tensor
     active_steps: torch.Tensor
+    error_after: torch.Tensor | None = None
 
 
 @dataclass

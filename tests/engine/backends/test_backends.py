@@ -617,3 +617,19 @@ def test_a_background_build_that_fails_falls_back_with_one_warning(case, monkeyp
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "Python.h not found" in warnings[0].message
     assert backend.report()["backend"] == "reference"
+
+
+@needs_compiler
+def test_compiled_cpu_reports_r_after_from_its_graph(case):
+    """The compiled loop returns r of its purified images (its folded graph), which the
+    folder runs record instead of rerunning the eager DAE: equal to r of those images."""
+    backend = get_backend("compiled", "cpu", check=False)
+    x = case["x"][:5]
+    res = backend.purify(case["dae"], x, case["mu"], case["sigma"], PurifyConfig(seed=0))
+    assert res.error_after is not None and res.error_after.shape == (5,)
+    with torch.no_grad():
+        want = reconstruction_error(case["dae"], res.images)
+    torch.testing.assert_close(res.error_after, want, rtol=1e-4, atol=1e-5)
+    ref = get_backend("reference").purify(case["dae"], x, case["mu"], case["sigma"],
+                                          PurifyConfig(seed=0))
+    assert ref.error_after is None  # the reference leaves it to the caller
