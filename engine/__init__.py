@@ -17,6 +17,7 @@ from apudae_engine._version import __version__
 _LAZY = {
     "Purifier": ("apudae_engine.backends.purifier", "Purifier"),
     "PurifyConfig": ("apudae_engine.method.config", "PurifyConfig"),
+    "PurifyResult": ("apudae_engine.method.loop", "PurifyResult"),  # what Purifier.purify returns
     "purify_folder": ("apudae_engine.folder.local", "purify_folder"),
     "FolderJob": ("apudae_engine.folder.local", "FolderJob"),
     "load_classifier": ("apudae_engine.method.checkpoint", "load_classifier"),

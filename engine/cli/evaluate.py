@@ -52,6 +52,10 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
         kw["aware_attacks"] = _names(a.aware_attacks)
     if a.defenses is not None:  # here "none" is a defense (the bare classifier), not nothing
         kw["defenses"] = tuple(t.strip() for t in a.defenses.split(",") if t.strip())
+    if a.aware_targets is not None:  # "none" is a target too: the bare classifier
+        kw["aware_targets"] = tuple(t.strip() for t in a.aware_targets.split(",") if t.strip())
+    if a.aware_sweep is not None:
+        kw["aware_sweep"] = a.aware_sweep
     config = EvalConfig(
         model=a.model, classifier=a.classifier, dataset=a.dataset, data_dir=a.data_dir,
         split=a.split, limit=a.limit, offset=a.offset, aware_limit=a.aware_limit,
@@ -114,6 +118,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--aware-target", default="adaptive", choices=DEFENSES[1:],
                    help="defense the defense-aware attacks are crafted against")
     p.add_argument("--defenses", default=None, help=f"columns (default: {','.join(DEFENSES)})")
+    p.add_argument("--aware-sweep", type=_floats, default=None, help="defense-aware curve: "
+                   "L-inf eps values, comma-separated; at each, the defense-aware attacks run "
+                   "against each --aware-targets defense in turn (never by transfer), and "
+                   "results.md gets robust accuracy against eps with and without rejecting "
+                   "flagged inputs, plus aware_vs_eps.png. Replaces the single-eps "
+                   "defense-aware table")
+    p.add_argument("--aware-targets", default=None, help="defenses the --aware-sweep attacks "
+                   "craft against, each in turn (default: none,direct,adaptive; "
+                   "--method-defaults makes adaptive the method's own settings)")
     p.add_argument("--eps", type=float, default=None, help="L-inf eps (default: dataset "
                    "convention, 0.1 for 28x28 data, 8/255 for CIFAR-10)")
     p.add_argument("--eps-l2", type=float, default=None, help="L2 eps (default 1.5 for 28x28 "

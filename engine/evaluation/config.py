@@ -17,6 +17,9 @@ from apudae_engine.core.choices import DEFENSES  # evaluate's columns; re-export
 from apudae_engine.core.errors import UserError
 from apudae_engine.evaluation.attacks import AttackSpec, attack_class, attack_names
 
+# What --aware-sweep crafts against by default, each in turn (--method-defaults gives the
+# adaptive target the method's own settings instead of the model's tuned ones).
+AWARE_TARGETS = ("none", "direct", "adaptive")
 # (L-inf eps, L2 eps, L-inf sweep) by dataset, following the field's conventions.
 EPSILONS = {"fashion-mnist": (0.1, 1.5, (0.05, 0.1, 0.2, 0.3)),
             "mnist": (0.1, 1.5, (0.05, 0.1, 0.2, 0.3)),
@@ -45,6 +48,8 @@ class EvalConfig:
         default_factory=lambda: attack_names(defense_aware=True, default_only=True))
     aware_limit: int | None = None
     aware_target: str = "adaptive"
+    aware_sweep: tuple[float, ...] = ()
+    aware_targets: tuple[str, ...] = AWARE_TARGETS
     defenses: tuple[str, ...] = DEFENSES
     eps: float | None = None
     eps_l2: float | None = None
@@ -71,7 +76,7 @@ class EvalConfig:
         library, aware = attack_names(defense_aware=False), attack_names(defense_aware=True)
         unknown = [a for a in self.attacks if a not in library]
         unknown += [a for a in self.aware_attacks if a not in aware]
-        unknown += [d for d in self.defenses if d not in DEFENSES]
+        unknown += [d for d in (*self.defenses, *self.aware_targets) if d not in DEFENSES]
         if unknown:
             raise UserError(f"unknown attack or defense {', '.join(unknown)}; attacks: "
                             f"{', '.join(library)}; defense-aware: "
@@ -82,6 +87,14 @@ class EvalConfig:
         if self.aware_attacks and self.aware_target not in DEFENSES[1:]:
             raise UserError(f"--aware-target must be a purifying defense "
                             f"({', '.join(DEFENSES[1:])}), got {self.aware_target!r}")
+        if self.aware_sweep and not (self.aware_attacks and self.aware_targets):
+            raise UserError("--aware-sweep needs defense-aware attacks and --aware-targets")
+        missing = [t for t in self.aware_targets if self.aware_sweep and t not in self.defenses]
+        if missing:  # the curve reads each target's own column
+            raise UserError(f"--aware-targets {', '.join(missing)} must be among --defenses "
+                            f"({', '.join(self.defenses)})")
+        if any(not e > 0 for e in self.aware_sweep):
+            raise UserError(f"--aware-sweep values must be positive, got {self.aware_sweep}")
         for name in ("limit", "aware_limit", "sweep_limit", "steps", "aware_steps", "eot",
                      "square_queries", "draws", "restarts"):
             value = getattr(self, name)

@@ -13,6 +13,7 @@ import torch
 
 from apudae_engine.core.errors import BackendUnavailable
 from apudae_engine.core.files import write_atomic
+from apudae_engine.evaluation import aware_sweep
 from apudae_engine.evaluation.attacks import attack_class, attack_names
 from apudae_engine.evaluation.outcomes import row_arrays
 
@@ -135,6 +136,40 @@ def _draws_table(table: dict[str, Any], s: dict[str, Any]) -> list[str]:
     return out + [""]
 
 
+def _rejection_table(table: dict[str, Any], s: dict[str, Any],
+                     defenses: list[str]) -> list[str]:
+    """The detect-and-reject system: flagged inputs are rejected, the rest classified."""
+    clean = (table.get("clean") or {}).get("rejection")
+    rows = [(n, e) for n, e in table.items() if n != "clean" and e.get("rejection")]
+    if not clean or not rows:
+        return []
+    target = s["aware_target"]
+    k = next((e["rejection"]["draws"]["k"] for _, e in rows if e["rejection"].get("draws")), 0)
+    kept = ", ".join(f"{DEFENSE_LABELS[d]} {_pct(v)}"
+                     for d, v in clean["accepted_accuracy"].items())
+    out = ["### Detect and reject: flagged inputs are rejected", "",
+           f"On clean images the flag rejects {_pct(clean['rejected'])} % (the false-positive "
+           f"rate on these {table['clean']['n']} test images); accuracy on the "
+           f"{clean['accepted_n']} accepted: {kept}. On attacked images the system is right "
+           "when it rejects the input or classifies it correctly (*with rejection*, over all "
+           "attacked images).", "",
+           "| input | flagged | " + " | ".join(f"{DEFENSE_LABELS[d]} with rejection"
+                                             for d in defenses)
+           + (f" | {DEFENSE_LABELS[target]}: mean over {k} held-out draws | correct on all {k}"
+              if k else "") + " |",
+           "|" + "---|" * (len(defenses) + 2 + (2 if k else 0))]
+    for name, e in rows:
+        r = e["rejection"]
+        label = (f"**worst case per image** over the {len(e['over'])} L∞ attacks above"
+                 if "over" in e else _row_label(name, e))
+        cells = [label, _pct(r.get("flagged")), *(_pct(r["accuracy"][d]) for d in defenses)]
+        if k:
+            d = r.get("draws") or {}
+            cells += [_pct(d.get("mean")), _pct(d.get("all"))]
+        out.append("| " + " | ".join(cells) + " |")
+    return out + [""]
+
+
 def _suite_table(table: dict[str, Any]) -> list[str]:
     """Per member of an attack suite: images it attacked and left fooled on every draw."""
     out = []
@@ -167,6 +202,18 @@ def _parts_line(p: dict[str, Any] | None) -> list[str]:
             f"{p['computed_by_this_process']} computed by the process that wrote this report "
             f"(the wall time above is its own); attack time summed over the parts "
             f"{p['attack_seconds']:.0f} s.  "]
+
+
+def _target_settings(defenses: dict[str, Any]) -> dict[str, str]:
+    """A note per purifying defense on the settings it ran, for the curve tables."""
+    out = {}
+    for d, config in defenses.items():
+        if config and config.get("method") == "adaptive" and d == "adaptive":
+            source = "tuned" if config.get("defaults") == "tuned" else "the method's settings"
+            out[d] = (f" ({source}: {config['steps']} steps, lr {255 * config['lr']:.3g}/255, "
+                      f"noise_eps {255 * config['noise_eps']:.3g}/255, cap "
+                      f"{config['noise_max_scale']:g})")
+    return out
 
 
 def _settings_line(config: dict[str, Any] | None) -> list[str]:
@@ -216,7 +263,10 @@ def markdown(results: dict[str, Any]) -> str:
                 f"n = {s['aware_n']} (the first {s['aware_n']} images)", ""]
         out += _accuracy_table(results["defense_aware"], defenses) + [""]
         out += _draws_table(results["defense_aware"], s)
+        out += _rejection_table(results["defense_aware"], s, defenses)
         out += _suite_table(results["defense_aware"])
+    if "aware_sweep" in results:
+        out += aware_sweep.markdown(results["aware_sweep"], _target_settings(s["defenses"]))
     sw = results["sweep"]
     if len(sw["eps"]) > 1:
         out += [f"## Accuracy against PGD L∞ eps ({sw['steps']} steps), n = {sw['n']}", "",
@@ -226,12 +276,13 @@ def markdown(results: dict[str, Any]) -> str:
             out.append(f"| {eps:.4g} | "
                        + " | ".join(_pct(sw["accuracy"][d][i]) for d in defenses) + " |")
         out.append("")
-    out += ["## Attack budgets (per image)", ""]
-    out += _budget_table([results["oblivious"], results.get("defense_aware", {})])
-    out += ["", "Purifier fwd/bwd: whole purification runs (all steps) and backward passes "
-            "through a whole unrolled run; DAE fwd/bwd: single DAE passes outside a run. "
-            "‖δ‖ in the attack's norm. *projected to eps*: minimal-norm results (C&W, DeepFool) "
-            "that exceeded eps and were scaled back onto the ball.", ""]
+    budgets = _budget_table([results["oblivious"], results.get("defense_aware", {})])
+    if len(budgets) > 2:  # a header without attack rows says nothing
+        out += ["## Attack budgets (per image)", "", *budgets]
+        out += ["", "Purifier fwd/bwd: whole purification runs (all steps) and backward passes "
+                "through a whole unrolled run; DAE fwd/bwd: single DAE passes outside a run. "
+                "‖δ‖ in the attack's norm. *projected to eps*: minimal-norm results (C&W, "
+                "DeepFool) that exceeded eps and were scaled back onto the ball.", ""]
     return "\n".join(out)
 
 
@@ -350,7 +401,7 @@ def save_per_image(raw: dict[str, Any], path: Path) -> None:
 
 def write_report(results: dict[str, Any], raw: dict[str, Any], purifier, out_dir: Path) -> None:
     """Write results.json, results.md, per_image.npz, accuracy_vs_eps.png (when there is a
-    sweep), error_histogram.png and examples.png."""
+    sweep), aware_vs_eps.png (with --aware-sweep), error_histogram.png and examples.png."""
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(out_dir / "results.json", (json.dumps(results, indent=2) + "\n").encode())
     write_atomic(out_dir / "results.md", (markdown(results) + "\n").encode())
@@ -360,6 +411,11 @@ def write_report(results: dict[str, Any], raw: dict[str, Any], purifier, out_dir
     except BackendUnavailable as exc:
         log.warning("%s/results.json and results.md written; plots skipped: %s", out_dir, exc)
         return
-    plot_errors(raw, purifier.mu, purifier.sigma, out_dir / "error_histogram.png")
+    if "aware_sweep" in results:
+        aware_sweep.plot(results["aware_sweep"], results["settings"]["data"],
+                         out_dir / "aware_vs_eps.png", _plt())
+    # The curve's tables would be a panel each: the histogram keeps the run's main tables.
+    plot_errors({k: v for k, v in raw.items() if not k.startswith("aware-")}, purifier.mu,
+                purifier.sigma, out_dir / "error_histogram.png")
     plot_examples(raw, results["settings"]["aware_target"], out_dir / "examples.png")
     log.info("wrote %s/results.json, results.md and plots", out_dir)

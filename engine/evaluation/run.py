@@ -31,12 +31,13 @@ from typing import Any
 
 import torch
 
-from apudae_engine import Purifier, PurifyConfig, __version__
+from apudae_engine import Purifier, __version__
 from apudae_engine.core.errors import UserError
 from apudae_engine.core.host import describe, resolve_device
 from apudae_engine.evaluation.attacks import AttackSpec
 from apudae_engine.evaluation.attacks.aware import held_out_seeds
-from apudae_engine.evaluation.config import EvalConfig
+from apudae_engine.evaluation.aware_sweep import aware_key, summarize_curves
+from apudae_engine.evaluation.config import DEFENSES, EvalConfig
 from apudae_engine.evaluation.outcomes import Row
 from apudae_engine.evaluation.parts import PartStore
 from apudae_engine.evaluation.schedule import Scheduler, Table
@@ -49,6 +50,7 @@ from apudae_engine.evaluation.tables import (
     sweep_table,
     sweep_todo,
 )
+from apudae_engine.evaluation.targets import NoDefense, defense_configs
 from apudae_engine.images.datasets import load_dataset
 from apudae_engine.method.checkpoint import classifier_source, load_checkpoint
 
@@ -82,22 +84,23 @@ class Evaluator:
             if ck.input_shape != shape:
                 raise UserError(f"{ck.path} expects images {ck.input_shape} but {self.data.source}"
                                 f" holds {shape}")
-        seed = c.seed
-        configs = {"direct": PurifyConfig(method="direct", seed=seed),
-                   "iterative": PurifyConfig(method="iterative", seed=seed),
-                   "adaptive": PurifyConfig(seed=seed),
-                   "adaptive-compat": PurifyConfig.compat(seed=seed)}
         # The defenses as purify runs them: the model's tuned settings (apudae-engine tune)
         # unless --method-defaults; compat always keeps the authors' own.
-        tuned = None if c.method_defaults else self.base.checkpoint.purify_defaults
-        configs = {d: config.with_model_defaults(tuned) for d, config in configs.items()}
+        self.configs = configs = defense_configs(
+            c.seed, self.base.checkpoint.purify_defaults, c.method_defaults)
         dae, mu, sigma = self.base.dae, self.base.mu, self.base.sigma
         # Scoring the defenses needs no gradient, so it may run on a faster backend; attacks
-        # (the target) always differentiate through the reference.
+        # (the targets) always differentiate through the reference. Targets carry the
+        # checkpoint: the detector-aware attack reads its flag threshold.
         self.defenses: dict[str, Purifier | None] = {
             d: None if d == "none" else Purifier(dae, mu, sigma, configs[d], backend=c.backend)
             for d in c.defenses}
-        self.target = Purifier(dae, mu, sigma, configs[c.aware_target])
+        ckpt = self.base.checkpoint
+        self.targets: dict[str, Purifier] = {
+            d: NoDefense(dae, mu, sigma, c.seed, ckpt) if d == "none"
+            else Purifier(dae, mu, sigma, configs[d], checkpoint=ckpt)
+            for d in dict.fromkeys((c.aware_target, *c.aware_targets))}
+        self.target = self.targets[c.aware_target]
         # What scores the defenses (auto resolved); an unusable --backend raises here.
         self.defense_backend = "reference" if c.backend == "reference" else Purifier(
             dae, mu, sigma, configs["adaptive"], backend=c.backend).backend_report(
@@ -150,6 +153,13 @@ class Evaluator:
             "purify_configs": {d: None if p is None else p.config.to_dict()
                                for d, p in self.defenses.items()},
             "aware_target_config": self.target.config.to_dict(),
+            # What the detector-aware attack keeps r under (the deployment's threshold).
+            **({"flag_threshold": self.base.flag_threshold()}
+               if "apgd-detector" in c.aware_attacks else {}),
+            # The curve's tables are keyed by target and eps, so --aware-sweep and
+            # --aware-targets only select tables (runs over parts of a curve share a folder).
+            **({"aware_sweep_targets": {d: None if d == "none" else self.configs[d].to_dict()
+                                        for d in DEFENSES}} if c.aware_sweep else {}),
         }
 
     def open_parts(self, fresh: bool = False) -> PartStore:
@@ -166,10 +176,17 @@ class Evaluator:
         n = len(self.data)
         obl: list[str | AttackSpec] = ["clean", "noise", *(c.attack_spec(a) for a in c.attacks)]
         jobs = [Table("oblivious", obl, n, c.batch_size, None, "oblivious")]
-        if c.aware_attacks:
+        if c.aware_attacks and not c.aware_sweep:  # the curve's tables replace this one
             rows = ["clean", *(c.attack_spec(a) for a in c.aware_attacks)]
             jobs.append(Table("defense_aware", rows, min(c.aware_limit, n), c.aware_batch_size,
                               self.target, f"defense-aware (vs {c.aware_target})"))
+        for eps in c.aware_sweep:
+            for target in c.aware_targets:
+                jobs.append(Table(aware_key(target, eps),
+                                  [c.attack_spec(a, eps) for a in c.aware_attacks],
+                                  min(c.aware_limit, n), c.aware_batch_size,
+                                  self.targets[target],
+                                  f"defense-aware vs {target}, L∞ {eps:g}"))
         todo = sweep_todo(c)
         if todo:
             jobs.append(Table("sweep", [c.attack_spec("pgd", e) for e in todo],
@@ -209,7 +226,7 @@ class Evaluator:
         """
         if self.store is None:
             self.open_parts()
-        jobs = self._jobs()
+        c, jobs = self.config, self._jobs()
         if self.scheduler.missing(jobs) and not self.compute(jobs, wait):
             return None
         raw = {t.key: self.scheduler.rows(t) for t in jobs}
@@ -218,6 +235,11 @@ class Evaluator:
         tables = {"oblivious": self.summarize(obl, clean_r)}
         if "defense_aware" in raw:
             tables["defense_aware"] = self.summarize(raw["defense_aware"], clean_r)
+        if c.aware_sweep:
+            points = {t.key: self.summarize(raw[t.key], clean_r) for t in jobs
+                      if t.key.startswith("aware-")}
+            tables["aware_sweep"] = {**summarize_curves(c, points, tables["oblivious"]["clean"]),
+                                     "tables": points}
         tables["sweep"] = sweep_table(self.config, obl, raw.pop("sweep", []), len(self.data),
                                       list(self.defenses))
         settings = self._settings()

@@ -10,6 +10,7 @@ reads them.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
@@ -55,6 +56,7 @@ def summarize(rows: list[Row], clean_errors: torch.Tensor | None, base: Purifier
     table = {}
     for row in rows:
         correct, r, norms = row.cat()
+        flagged = r > threshold
         entry = {
             "n": int(r.numel()),
             "accuracy": {d: round(v.float().mean().item(), 4) for d, v in correct.items()},
@@ -72,21 +74,46 @@ def summarize(rows: list[Row], clean_errors: torch.Tensor | None, base: Purifier
         }
         if row.draw_correct:
             entry["draws"] = _draw_summary(torch.cat(row.draw_correct), draws)
+        entry["rejection"] = _rejection(row, correct, flagged, draws)
         table[row.name] = entry
         log.info("%-10s accuracy %s", row.name, ", ".join(
             f"{d} {a:.2%}" for d, a in entry["accuracy"].items()))
-    worst = _worst_case(rows, draws)
+    worst = _worst_case(rows, draws, threshold)
     if worst is not None:
         table[WORST_CASE] = worst
     return table
 
 
-def _worst_case(rows: list[Row], draws: int = 0) -> dict[str, Any] | None:
-    """Per-image worst case over the L-inf attack rows: correct only if every attack failed."""
+def _rejection(row: Row, correct: dict[str, torch.Tensor], flagged: torch.Tensor,
+               draws: int) -> dict[str, Any]:
+    """The detect-and-reject system on one row: a flagged input is rejected. Clean row: the
+    rejection (false-positive) rate and accuracy on the accepted images; attack rows:
+    accuracy with rejection (correct or flagged), on the defense's seed and on held-out draws."""
+    n = max(flagged.numel(), 1)
+    if row.name == "clean":
+        kept = ~flagged
+        return {"rejected": round(flagged.float().mean().item(), 4),
+                "accepted_n": int(kept.sum()),
+                "accepted_accuracy": {d: round(v[kept].float().mean().item(), 4)
+                                      if kept.any() else None for d, v in correct.items()}}
+    out: dict[str, Any] = {"flagged": round(flagged.float().mean().item(), 4),
+                           "accuracy": {d: round((v | flagged).float().sum().item() / n, 4)
+                                        for d, v in correct.items()}}
+    if row.draw_correct and draws:
+        counts = torch.cat(row.draw_correct)
+        out["draws"] = _draw_summary(torch.where(flagged, draws, counts), draws)
+    return out
+
+
+def _worst_case(rows: list[Row], draws: int = 0,
+                threshold: float | None = None) -> dict[str, Any] | None:
+    """Per-image worst case over the L-inf attack rows: correct only if every attack failed
+    (with rejection: only if each attack's image was flagged or classified correctly)."""
     attacked = [r for r in rows if r.budget is not None and r.norm == "Linf"]
     if len(attacked) < 2:
         return None
-    correct = [r.cat()[0] for r in attacked]
+    cats = [r.cat() for r in attacked]
+    correct = [c for c, _, _ in cats]
     acc = {d: round(torch.stack([c[d] for c in correct]).all(dim=0).float().mean().item(), 4)
            for d in correct[0]}
     log.info("%-10s accuracy %s", WORST_CASE, ", ".join(f"{d} {a:.2%}" for d, a in acc.items()))
@@ -96,15 +123,36 @@ def _worst_case(rows: list[Row], draws: int = 0) -> dict[str, Any] | None:
     if draws and all(r.draw_correct for r in attacked):
         counts = torch.stack([torch.cat(r.draw_correct) for r in attacked]).amin(dim=0)
         out["draws"] = _draw_summary(counts, draws)
+    if threshold is not None:
+        flagged = [r > threshold for _, r, _ in cats]
+        out["rejection"] = {"flagged": None, "accuracy": {d: round(torch.stack(
+            [c[d] | f for c, f in zip(correct, flagged)]).all(dim=0).float().mean().item(), 4)
+            for d in correct[0]}}
+        if "draws" in out:
+            counts = torch.stack([torch.where(f, draws, torch.cat(r.draw_correct))
+                                  for r, f in zip(attacked, flagged)]).amin(dim=0)
+            out["rejection"]["draws"] = _draw_summary(counts, draws)
     return out
 
 
 def _draw_summary(counts: torch.Tensor, k: int) -> dict[str, Any]:
     """Robust accuracy of a randomized defense from per-image correct counts over k held-out
     draws: the mean over the draws and the share correct on all k."""
-    return {"k": k, "seeds": held_out_seeds(k),
-            "mean": round((counts.double() / k).mean().item(), 4),
-            "all": round((counts == k).double().mean().item(), 4)}
+    n = counts.numel()
+    mean, every = (counts.double() / k).mean().item(), (counts == k).double().mean().item()
+    # A per-image share in [0, 1] varies at most as a 0/1 outcome with its mean: the Wilson
+    # interval of the mean is conservative (and not empty where every image agrees).
+    return {"k": k, "seeds": held_out_seeds(k), "mean": round(mean, 4),
+            "all": round(every, 4), "ci95": {"mean": wilson(mean, n), "all": wilson(every, n)}}
+
+
+def wilson(p: float, n: int, z: float = 1.96) -> list[float]:
+    """Wilson score interval (95 % by default) of a share ``p`` measured on ``n`` images."""
+    if n <= 0:
+        return [0.0, 1.0]
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return [round(max(centre - half, 0.0), 4), round(min(centre + half, 1.0), 4)]
 
 
 def sweep_todo(config: EvalConfig) -> list[float]:

@@ -103,6 +103,11 @@ class APGD(DefenseAwareAttack):
                     dae_backward=int(self.mode == "bpda-dae"))
         return eot_objective(self.mode, self.model, self.purifier, adv, y, seeds, spec.loss)
 
+    def feasible(self, adv: torch.Tensor) -> torch.Tensor | None:
+        """Which iterates best-so-far may keep, (n,) bool; None: every one (the
+        detector-aware attack keeps only those under the flag threshold)."""
+        return None
+
     # -- best-so-far on selection draws ---------------------------------------------------
     @torch.no_grad()
     def correct_on_draws(self, adv: torch.Tensor, y: torch.Tensor, seeds: list[int]
@@ -126,13 +131,19 @@ class APGD(DefenseAwareAttack):
 
     def _consider(self, rows: torch.Tensor, adv: torch.Tensor, y: torch.Tensor,
                   loss: torch.Tensor, hint: torch.Tensor, seeds: list[int]) -> None:
-        """Keep, per image in ``rows``, the iterate with the fewest correct draws."""
+        """Keep, per image in ``rows``, the iterate with the fewest correct draws (among the
+        feasible ones)."""
         correct = torch.full_like(rows, len(seeds))
+        ok = self.feasible(adv)
+        if ok is not None:
+            hint = hint & ok  # an infeasible iterate is never kept: no need to check it
         check = hint.nonzero().squeeze(1)
         if check.numel():
             correct[check] = self.correct_on_draws(adv[check], y[check], seeds)
         old_c, old_l = self._best_correct[rows], self._best_loss[rows]
         better = (correct < old_c) | ((correct == old_c) & (loss > old_l))
+        if ok is not None:
+            better &= ok
         take = rows[better]
         self._best[take] = adv[better].detach()
         self._best_correct[take] = correct[better]
@@ -151,6 +162,9 @@ class APGD(DefenseAwareAttack):
         self._best = x.clone()
         self._best_loss = torch.full((n,), -math.inf, device=x.device)
         self._best_correct = self.correct_on_draws(x, y, seeds)
+        ok = self.feasible(x)
+        if ok is not None:  # an infeasible input is not fooled yet: any feasible iterate wins
+            self._best_correct[~ok] = len(seeds)
         restarts_run = 0
         for restart in range(spec.restarts):
             todo = (self._best_correct > 0).nonzero().squeeze(1)

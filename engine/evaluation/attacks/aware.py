@@ -63,7 +63,8 @@ def held_out_seeds(k: int) -> list[int]:
 
 def eot_objective(mode: str, classifier: nn.Module, purifier: Purifier, x: torch.Tensor,
                   y: torch.Tensor, seeds: list[int], loss: str = "ce",
-                  image_ids: torch.Tensor | None = None, gradient: str = "auto"
+                  image_ids: torch.Tensor | None = None, gradient: str = "auto",
+                  kappa: float | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Mean over noise seeds of loss(classifier(purify(x)), y), its gradient, and whether any
     draw misclassified: ((N,), (N, C, H, W), (N,) bool).
@@ -71,7 +72,8 @@ def eot_objective(mode: str, classifier: nn.Module, purifier: Purifier, x: torch
     ``mode``: ``full`` differentiates through the unrolled purification loop; ``bpda`` uses
     the identity as the purifier's backward pass, ``bpda-dae`` the DAE (clamped to [0, 1]).
     The loss value is always that of the true purifier. ``gradient``: how ``full`` takes it
-    (:func:`purified_logits`).
+    (:func:`purified_logits`). ``kappa``: cap each draw's loss at this value (a fooled draw
+    then stops pulling; the detector-aware attack spends the rest on r).
     """
     grad = torch.zeros_like(x)
     value = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
@@ -88,6 +90,8 @@ def eot_objective(mode: str, classifier: nn.Module, purifier: Purifier, x: torch
                 surrogate = xr if mode == "bpda" else purifier.dae(xr).clamp(0, 1)
                 logits = classifier(surrogate + (xp - surrogate).detach())
             per_image = classifier_loss(logits, y, loss)
+            if kappa is not None:
+                per_image = per_image.clamp(max=kappa)
             (g,) = torch.autograd.grad(per_image.sum(), xr)
         grad += g
         value += per_image.detach()
@@ -228,6 +232,8 @@ class BelowMu(DefenseAwareAttack, name="below-mu", label="stay below mu"):
 
 
 def _defense_name(purifier: Purifier) -> str:
+    if getattr(purifier, "defense_name", None):
+        return purifier.defense_name
     c = purifier.config
     compat = c.sigma_override is not None or not c.clip
     return f"{c.method}{' (compat)' if compat else ''}, {c.steps} steps"

@@ -70,13 +70,19 @@ def test_quick_tables_have_the_expected_shape(quick_results):
     results, _ = quick_results
     obl, aware = results["oblivious"], results["defense_aware"]
     assert list(obl) == ["clean", "noise", *LIBRARY_ATTACKS, WORST_CASE]
-    assert DEFAULT_AWARE == ("aware-suite",)  # evaluate's default: the strongest suite
+    # evaluate's default: the strongest suite, and the attack on the detect-and-reject system
+    assert DEFAULT_AWARE == ("aware-suite", "apgd-detector")
     assert list(aware) == ["clean", *QUICK_AWARE, WORST_CASE]
     assert obl[WORST_CASE]["over"] == ["fgsm", "rfgsm", "pgd", "autoattack"]
     for table, n in ((obl, 48), (aware, 8)):
         worst = table[WORST_CASE]
         for d in DEFENSES:  # the per-image worst case is at most every single attack
             assert worst["accuracy"][d] <= min(table[a]["accuracy"][d] for a in worst["over"])
+            # ...with rejection too; and rejecting flagged inputs never lowers accuracy.
+            assert worst["rejection"]["accuracy"][d] <= min(
+                table[a]["rejection"]["accuracy"][d] for a in worst["over"])
+            assert all(table[a]["rejection"]["accuracy"][d] >= table[a]["accuracy"][d]
+                       for a in worst["over"])
         for name, row in table.items():
             if name == WORST_CASE:
                 continue
@@ -85,6 +91,9 @@ def test_quick_tables_have_the_expected_shape(quick_results):
             assert all(0.0 <= a <= 1.0 for a in row["accuracy"].values())
             if name == "clean":
                 assert row["detection_auc"] is None and row["budget"] is None
+                rejection = row["rejection"]  # the flag's false positives, and what is kept
+                assert rejection["rejected"] == row["reconstruction_error"]["flagged"]
+                assert rejection["accepted_n"] == round(n * (1 - rejection["rejected"]))
             else:
                 assert 0.0 <= row["detection_auc"] <= 1.0
             if row["perturbation"] is not None:

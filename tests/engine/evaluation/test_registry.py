@@ -51,7 +51,7 @@ def test_every_builtin_attack_is_registered_once_with_its_family():
                                "autoattack")
     assert DEFENSE_AWARE_ATTACKS == ("pgd-eot", "bpda", "bpda-dae", "below-mu", "apgd-ce",
                                      "apgd-dlr", "apgd-bpda", "apgd-bpda-dae", "apgd-below-mu",
-                                     "aware-suite")
+                                     "aware-suite", "apgd-detector")
     assert {attack_class(n).norm for n in ("pgd-l2", "cw-l2", "deepfool")} == {"L2"}
     assert all(attack_class(n).defense_aware for n in DEFENSE_AWARE_ATTACKS)
     assert not any(attack_class(n).defense_aware for n in LIBRARY_ATTACKS)
