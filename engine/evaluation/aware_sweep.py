@@ -56,7 +56,7 @@ def summarize_curves(config, tables: dict[str, dict[str, Any]],
     c = config
     rej = clean.get("rejection") or {}
     out: dict[str, Any] = {
-        "eps": list(c.aware_sweep), "attacks": list(c.aware_attacks), "draws": c.draws,
+        "eps": sorted(c.aware_sweep), "attacks": list(c.aware_attacks), "draws": c.draws,
         "clean": {"n": clean["n"], "rejected": rej.get("rejected"),
                   "accepted_n": rej.get("accepted_n"),
                   "accuracy": {t: clean["accuracy"][t] for t in c.aware_targets},
@@ -65,13 +65,16 @@ def summarize_curves(config, tables: dict[str, dict[str, Any]],
         "targets": {}}
     for target in c.aware_targets:
         points = []
-        for eps in c.aware_sweep:
+        for eps in sorted(c.aware_sweep):
             table = tables[aware_key(target, eps)]
             rows = {name: _point(e, target) for name, e in table.items() if name != WORST_CASE}
             worst = table.get(WORST_CASE)
             point = _point(worst, target) if worst else next(iter(rows.values()))
-            seconds = sum(e["attack_seconds"] for name, e in table.items() if name != WORST_CASE)
-            points.append({"eps": eps, **point, "rows": rows, "attack_seconds": round(seconds, 1)})
+            attacked = [e for name, e in table.items() if name != WORST_CASE]
+            points.append({"eps": eps, **point, "rows": rows,
+                           "attack_seconds": round(sum(e["attack_seconds"] for e in attacked), 1),
+                           "attack_cpu_seconds": round(sum(e.get("attack_cpu_seconds", 0.0)
+                                                           for e in attacked), 1)})
         out["targets"][target] = points
     return out
 
@@ -103,7 +106,7 @@ def markdown(curves: dict[str, Any], target_settings: dict[str, str]) -> list[st
     for target, points in curves["targets"].items():
         out += [f"### Against {LABELS[target]}{target_settings.get(target, '')}", "",
                 "| eps | attack | n | seed | mean [95 % CI] | all | flagged | "
-                "reject: seed | reject: mean [95 % CI] | reject: all | attack s |",
+                "reject: seed | reject: mean [95 % CI] | reject: all | attack CPU s |",
                 "|---|---|---|---|---|---|---|---|---|---|---|"]
         acc, acc_kept = clean["accuracy"][target], clean["accepted_accuracy"][target]
         out.append(f"| 0 | clean | {clean['n']} | {_pct(acc)} | | | "
@@ -119,7 +122,7 @@ def markdown(curves: dict[str, Any], target_settings: dict[str, str]) -> list[st
                     f"{_pct(q.get('all'))} | {_pct(r.get('flagged'))} | {_pct(r.get('seed'))} | "
                     f"{_pct(r.get('mean'))}{_ci((r.get('ci95') or {}).get('mean'))} | "
                     f"{_pct(r.get('all'))} | "
-                    f"{p['attack_seconds']:.0f} |")
+                    f"{p['attack_cpu_seconds']:.0f} |")
         out.append("")
     return out
 

@@ -31,6 +31,7 @@ class Row:
     norms: list[torch.Tensor] = field(default_factory=list)
     budget: AttackBudget | None = None
     attack_seconds: float = 0.0
+    attack_cpu_seconds: float = 0.0  # CPU time of the process (all threads) while crafting
     defense_seconds: dict[str, float] = field(default_factory=dict)
     examples: dict[str, torch.Tensor] = field(default_factory=dict)
     # Defense-aware rows: per image, held-out noise draws of the target classified correctly.
@@ -67,6 +68,7 @@ def rows_to_part(rows: list[Row]) -> tuple[list[dict[str, Any]], dict[str, np.nd
         meta.append({"name": row.name, "norm": row.norm, "eps": row.eps,
                      "budget": None if row.budget is None else row.budget.to_dict(),
                      "attack_seconds": row.attack_seconds,
+                     "attack_cpu_seconds": row.attack_cpu_seconds,
                      "defense_seconds": row.defense_seconds,
                      "defenses": list(row.correct), "examples": list(row.examples)})
         arrays.update(row_arrays(row, str(i)))
@@ -96,6 +98,7 @@ def rows_from_part(meta: list[dict[str, Any]], arrays: dict[str, np.ndarray],
             norms=[get(f"{i}/norm")] if f"{i}/norm" in arrays else [],
             budget=None if m["budget"] is None else budget_from_dict(m["budget"]),
             attack_seconds=float(m["attack_seconds"]),
+            attack_cpu_seconds=float(m.get("attack_cpu_seconds", 0.0)),  # older parts: none
             defense_seconds={d: float(s) for d, s in m["defense_seconds"].items()},
             examples={d: get(f"{i}/examples/{d}") for d in m["examples"]},
             draw_correct=[get(f"{i}/draws")] if f"{i}/draws" in arrays else []))
@@ -117,6 +120,7 @@ def merge_rows(batches: list[list[Row]]) -> list[Row]:
                 acc.budget = (budget_from_dict(row.budget.to_dict()) if acc.budget is None
                               else acc.budget.merge(row.budget))
             acc.attack_seconds += row.attack_seconds
+            acc.attack_cpu_seconds += row.attack_cpu_seconds
             for d, s in row.defense_seconds.items():
                 acc.defense_seconds[d] = acc.defense_seconds.get(d, 0.0) + s
             if not acc.examples:

@@ -201,7 +201,8 @@ def _parts_line(p: dict[str, Any] | None) -> list[str]:
     return [f"Batches: {p['used']} parts from {workers} worker process(es), "
             f"{p['computed_by_this_process']} computed by the process that wrote this report "
             f"(the wall time above is its own); attack time summed over the parts "
-            f"{p['attack_seconds']:.0f} s.  "]
+            f"{p['attack_seconds']:.0f} s ({p.get('attack_cpu_seconds', 0):.0f} CPU s, all "
+            "threads).  "]
 
 
 def _target_settings(defenses: dict[str, Any]) -> dict[str, str]:

@@ -180,8 +180,9 @@ class Evaluator:
             rows = ["clean", *(c.attack_spec(a) for a in c.aware_attacks)]
             jobs.append(Table("defense_aware", rows, min(c.aware_limit, n), c.aware_batch_size,
                               self.target, f"defense-aware (vs {c.aware_target})"))
-        for eps in c.aware_sweep:
-            for target in c.aware_targets:
+        # Target by target, in the order given (a partial run then holds whole curves).
+        for target in c.aware_targets:
+            for eps in c.aware_sweep:
                 jobs.append(Table(aware_key(target, eps),
                                   [c.attack_spec(a, eps) for a in c.aware_attacks],
                                   min(c.aware_limit, n), c.aware_batch_size,

@@ -193,5 +193,7 @@ class Scheduler:
                 "computed_by_this_process": len(self._computed),
                 "workers": [{"host": h, "pid": p} for h, p in sorted(workers)],
                 "scored_with": [{"device": d, "backend": b} for d, b in sorted(scored)],
+                "attack_cpu_seconds": round(sum(r.get("attack_cpu_seconds", 0.0) for m in metas
+                                                for r in m["rows"]), 2),
                 "attack_seconds": round(sum(r["attack_seconds"] for m in metas
                                             for r in m["rows"]), 2)}

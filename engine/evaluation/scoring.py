@@ -79,8 +79,10 @@ class BatchScorer:
         seed = c.seed + SEED_STRIDE * g
         for spec, acc in zip(t.rows, out, strict=True):
             t_row = t0 = time.perf_counter()
+            cpu0 = time.process_time()
             adv, acc.budget = self._inputs(spec, x, y, seed, t.purifier)
             t_attack = acc.attack_seconds = time.perf_counter() - t0
+            acc.attack_cpu_seconds = time.process_time() - cpu0
             if acc.norm is not None:
                 acc.norms.append(perturbation_norm(adv, x, acc.norm).cpu())
             acc.errors.append(self.base.reconstruction_error(adv).cpu())

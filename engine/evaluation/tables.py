@@ -70,6 +70,7 @@ def summarize(rows: list[Row], clean_errors: torch.Tensor | None, base: Purifier
                 "mean": norms.mean().item()},
             "budget": None if row.budget is None else row.budget.to_dict(),
             "attack_seconds": round(row.attack_seconds, 2),
+            "attack_cpu_seconds": round(row.attack_cpu_seconds, 2),
             "defense_seconds": {d: round(s, 2) for d, s in row.defense_seconds.items()},
         }
         if row.draw_correct:
