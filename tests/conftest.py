@@ -21,6 +21,11 @@ def _cuda_available() -> bool:
 if not _cuda_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The compiled CPU loop's on-disk package cache (backends.loop_cache) builds each new DAE's
+# graphs ahead of time, tens of seconds per tiny test model: the suite compiles in-process
+# instead, and tests/engine/backends/test_loop_cache.py turns the cache on for its own tests.
+os.environ["APUDAE_LOOP_CACHE"] = "0"
+
 import pytest  # noqa: E402
 
 

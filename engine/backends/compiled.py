@@ -21,7 +21,6 @@ reference to float tolerance with the noise on.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import logging
 import os
@@ -117,22 +116,34 @@ def constants(config: PurifyConfig, mu: float, sigma: float) -> UpdateConstants:
                            config.beta1, config.beta2, config.adam_eps, config.noise)
 
 
+# The graphs' modules name the step graph ``step``: ``graph`` is a GraphModule's own attribute,
+# and torch.export cannot unlift a submodule of that name.
 class _Residual(nn.Module):
     def __init__(self, graph: StepGraph) -> None:
         super().__init__()
-        self.graph = graph
+        self.step = graph
 
     def forward(self, y: torch.Tensor):
-        return self.graph.residual(y)
+        return self.step.residual(y)
 
 
 class _Gradient(nn.Module):
     def __init__(self, graph: StepGraph) -> None:
         super().__init__()
-        self.graph = graph
+        self.step = graph
 
     def forward(self, e, go, pre, idx):
-        return self.graph.gradient(e[idx], go[idx], [p[idx] for p in pre])
+        return self.step.gradient(e[idx], go[idx], [p[idx] for p in pre])
+
+
+class _Update(nn.Module):
+    def __init__(self, c: UpdateConstants) -> None:
+        super().__init__()
+        self.c = c
+
+    def forward(self, x, delta, m, v, r, grad, keys, step, step_size, bias2_sqrt):
+        return adaptive_update(x, delta, m, v, r, grad, keys, step, step_size, bias2_sqrt,
+                               self.c)
 
 
 def _batch_dynamic(*tensors: torch.Tensor) -> None:
@@ -141,24 +152,63 @@ def _batch_dynamic(*tensors: torch.Tensor) -> None:
 
 
 class CompiledCPU:
-    """The compiled loop on the CPU for one DAE and precision (see the module doc)."""
+    """The compiled loop on the CPU for one DAE and precision (see the module doc).
+
+    Its three graphs come from the on-disk package cache (``backends.loop_cache``: built once
+    per machine, loaded in about a second) or, where that cannot be used, from
+    ``torch.compile`` in this process. Both are built on the first batch, which gives the
+    example shapes."""
 
     def __init__(self, dae: nn.Module, dtype: torch.dtype) -> None:
         graph = StepGraph(dae, dtype).eval()
         graph.net.channels_last = True
-        self.residual = torch.compile(_Residual(graph))
-        self.gradient = torch.compile(_Gradient(graph))
+        self._modules = _Residual(graph), _Gradient(graph)
+        self.residual = self.gradient = None
         self._updates: dict[UpdateConstants, object] = {}
 
-    def _update(self, c: UpdateConstants):
+    def _build(self, x: torch.Tensor) -> None:
+        """Load (or build) the residual and gradient graphs for images shaped like ``x``."""
+        from apudae_engine.backends import loop_cache
+
+        residual, gradient = self._modules
+        example = x[:1].expand(2, *x.shape[1:]).contiguous()
+        r, e, go, pre = residual(example)
+        idx = torch.arange(2)
+        batch = torch.export.Dim("batch", min=2, max=loop_cache.MAX_BATCH)
+        rows = torch.export.Dim("rows", min=2, max=loop_cache.MAX_BATCH)
+        loaded = loop_cache.load_or_build("residual", residual, (example,),
+                                          loop_cache.batch_dims((example,), batch))
+        if loaded is not None:
+            grad_dims = loop_cache.batch_dims((e, go, pre), batch) + ({0: rows},)
+            loaded = loaded, loop_cache.load_or_build("gradient", gradient, (e, go, pre, idx),
+                                                      grad_dims)
+        if loaded is None or loaded[1] is None:  # both from one source: same strides
+            loaded = torch.compile(residual), torch.compile(gradient)
+        self.residual, self.gradient = loaded
+
+    def _update(self, c: UpdateConstants, x: torch.Tensor):
         if c not in self._updates:
-            self._updates[c] = torch.compile(functools.partial(adaptive_update, c=c))
+            from apudae_engine.backends import loop_cache
+
+            n = 2
+            # Distinct tensors: export would take one tensor passed twice for one input.
+            shaped = [x[:1].expand(n, *x.shape[1:]).contiguous() for _ in range(5)]
+            vec = torch.zeros(n, dtype=torch.float32)
+            keys = torch.zeros(n, dtype=torch.int64)
+            scalars = step_scalars(PurifyConfig(steps=1, seed=0), x.device)[0]
+            example = (*shaped[:4], vec, shaped[4], keys, *scalars)
+            module = _Update(c)
+            self._updates[c] = (loop_cache.load_or_build(
+                "update", module, example, loop_cache.batch_dims(example),
+                extra={"constants": repr(c)}) or torch.compile(module))
         return self._updates[c]
 
     @torch.no_grad()
     def purify(self, x: torch.Tensor, ids: torch.Tensor, mu: float, sigma: float,
                config: PurifyConfig) -> PurifyResult:
-        compiled = self._update(constants(config, mu, sigma))
+        if self.residual is None:
+            self._build(x)
+        compiled = self._update(constants(config, mu, sigma), x)
         keys = image_keys(config.seed, ids)
         scalars = step_scalars(config, x.device)
 

@@ -49,7 +49,8 @@ def over_tolerance(stats: dict[str, float], precision: str) -> list[str]:
         value = stats.get(key)
         if bound is None or value is None:
             continue
-        bad = value < bound if key == "label_agreement" else value > bound
+        # NaN is beyond every bound (a plain comparison would let it pass)
+        bad = not (value >= bound) if key == "label_agreement" else not (value <= bound)
         if bad:
             out.append(f"{key} {value:.3g} beyond {bound:.3g}")
     return out

@@ -633,3 +633,16 @@ def test_compiled_cpu_reports_r_after_from_its_graph(case):
     ref = get_backend("reference").purify(case["dae"], x, case["mu"], case["sigma"],
                                           PurifyConfig(seed=0))
     assert ref.error_after is None  # the reference leaves it to the caller
+
+
+def test_first_batch_check_fails_on_nan():
+    """NaN compares false with every bound: the check must still fail it."""
+    from apudae_engine.backends.parity import first_batch_check
+    from apudae_engine.method.loop import PurifyResult
+
+    ref = PurifyResult(torch.zeros(2, 1, 4, 4), torch.ones(2), torch.zeros(2, dtype=torch.int64))
+    got = PurifyResult(torch.full((2, 1, 4, 4), float("nan")), torch.ones(2),
+                       torch.zeros(2, dtype=torch.int64))
+    check = first_batch_check(ref, got, "fp32")
+    assert [f.split()[:2] for f in check["failures"]] == [["max_abs_diff", "nan"],
+                                                          ["mean_abs_diff", "nan"]]
