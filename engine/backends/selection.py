@@ -167,10 +167,7 @@ def _make_backend(name: str, device: str, precision: str, fallback: bool = False
                   check: bool = True) -> Backend:
     if name == "reference":
         return ReferenceBackend()
-    # auto on the CPU compiles in a background thread while the first batch runs on the
-    # reference (compiling is mostly single-threaded Python; purifying uses the cores).
-    background = fallback and torch.device(device).type == "cpu"
-    return OptimizedBackend(name, torch.device(device), precision, fallback, check, background)
+    return OptimizedBackend(name, torch.device(device), precision, fallback, check)
 
 
 class OptimizedBackend:
@@ -181,13 +178,11 @@ class OptimizedBackend:
     The first batch of each DAE is checked against the reference on its first
     ``FIRST_BATCH_IMAGES`` images (``check``); beyond ``apudae-engine verify``'s tolerance the
     backend logs one warning and runs the reference from then on. ``fallback`` (``auto``'s
-    choice) also falls back when the engine fails to build. ``background``: the engine is
-    built in a thread while the first batch runs on the reference (``auto`` on the CPU, where
-    compiling takes seconds that purifying can use).
+    choice) also falls back when the engine fails to build.
     """
 
     def __init__(self, name: str, device: torch.device, precision: str,
-                 fallback: bool = False, check: bool = True, background: bool = False) -> None:
+                 fallback: bool = False, check: bool = True) -> None:
         self.name, self.device, self.precision = name, device, precision
         self.dtype = PRECISIONS[precision]
         self.fallback = fallback  # chosen by auto: if compiling fails, run the reference
@@ -196,9 +191,6 @@ class OptimizedBackend:
         self.first_batch: dict | None = None  # the first-batch check's record
         self._gated: weakref.WeakSet = weakref.WeakSet()  # DAEs that passed the parity check
         self._checked: weakref.WeakSet = weakref.WeakSet()  # DAEs whose first batch was checked
-        self.background = background
-        self._builds: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # dae -> build
-        self.reference_batches = 0  # batches run on the reference while compiling
 
     def report(self) -> dict:
         """What ran: this backend, or the reference with the reason it fell back to it, and
@@ -206,8 +198,7 @@ class OptimizedBackend:
         out = {"backend": self.name, "precision": self.precision, "fallback": None}
         if self.failed:
             out = {"backend": "reference", "precision": "fp32", "fallback": self.failed}
-        return {**out, "first_batch_check": self.first_batch,
-                "reference_batches_while_compiling": self.reference_batches}
+        return {**out, "first_batch_check": self.first_batch}
 
     def purify(self, dae, x, mu, sigma, config, image_ids=None) -> PurifyResult:
         # fp32 is IEEE float32 on GPUs too (see ieee_fp32_convolutions); this also holds for
@@ -240,9 +231,6 @@ class OptimizedBackend:
         if x.shape[0] == 1:  # batch of one: pad, so compiled graphs never specialise on size 1
             xin, ids = xin.repeat(2, 1, 1, 1), ids.repeat(2)
         try:
-            if not self._built(dae, xin, ids, mu, sigma, config):
-                self.reference_batches += 1
-                return reference.purify(dae, x, mu, sigma, config, image_ids)
             res = self._engine(dae).purify(xin.contiguous(), ids, mu, sigma, config)
         except Exception as exc:
             if not self.fallback or isinstance(exc, UserError):
@@ -271,63 +259,6 @@ class OptimizedBackend:
     def _engine(self, dae: nn.Module):
         return _module(self.name).engine_for(dae, self.device, self.dtype)
 
-    def _built(self, dae: nn.Module, x: torch.Tensor, ids: torch.Tensor, mu: float,
-               sigma: float, config: PurifyConfig) -> bool:
-        """Whether ``dae``'s engine is ready to run ``x``. With ``background``, the first call
-        starts compiling it in a thread (warmed on a few of ``x``'s images and a noisy copy,
-        so the gradient graph compiles too) and says no: the caller runs that batch on the
-        reference. Later calls wait for the build and raise what it raised."""
-        if not self.background:
-            return True
-        build = self._builds.get(dae)
-        if build is None:
-            probe = x[:2].clone()
-            probe = torch.cat([probe, (probe + torch.rand_like(probe) * 0.5).clamp(0, 1)])
-            probe_ids = torch.cat([ids[:2], ids[:2] + 1])
-            self._builds[dae] = _BackgroundBuild(
-                lambda: self._engine(dae).purify(probe, probe_ids, mu, sigma, config))
-            log.info("compiling the %s loop in the background; the first batch runs on the "
-                     "reference meanwhile", self.name)
-            return False
-        build.wait()
-        return True
-
     def _fall_back(self, reason: str) -> None:
         self.failed = reason
         log.warning("backend %s: %s; using the reference from now on", self.name, reason)
-
-
-class _BackgroundBuild:
-    """Run ``build`` in a daemon thread (a process may exit before it ends); :meth:`wait`
-    joins it and raises what it raised. Python's thread switch interval is shortened while it
-    runs, so the purifying thread, which releases the GIL in every torch op, gets it back
-    quickly from the compiling one."""
-
-    def __init__(self, build) -> None:
-        import sys
-        import threading
-
-        self.error: BaseException | None = None
-        self._interval = sys.getswitchinterval()
-        sys.setswitchinterval(min(self._interval, 5e-4))
-
-        def run() -> None:
-            try:
-                with torch.no_grad():
-                    build()
-            except BaseException as exc:  # handed to the caller by wait()
-                self.error = exc
-
-        self._thread = threading.Thread(target=run, name="compile", daemon=True)
-        self._thread.start()
-
-    def wait(self) -> None:
-        if self._thread.is_alive() or self._interval is not None:
-            import sys
-
-            self._thread.join()
-            if self._interval is not None:
-                sys.setswitchinterval(self._interval)
-                self._interval = None
-        if self.error is not None:
-            raise self.error

@@ -580,45 +580,6 @@ def test_verify_does_not_let_the_backend_fall_back(case, monkeypatch):
     assert rep.max_abs_diff == pytest.approx(0.5, abs=1e-6) and not rep.passed
 
 
-def test_auto_compiles_in_the_background_while_the_first_batch_runs_on_the_reference(case):
-    """auto on the CPU: batch 1 is the reference's (bit for bit) while the engine compiles in
-    a thread; batch 2 waits for it, runs compiled, and is the first-batch check's batch."""
-    if compiled_module._cxx_compiler() is None:
-        pytest.skip("torch.compile on the CPU needs a C++ compiler")
-    backend = backends.OptimizedBackend("compiled", torch.device("cpu"), "fp32", fallback=True,
-                                        background=True)
-    x, cfg = case["x"][:6], PurifyConfig(seed=0)
-    want = get_backend("reference").purify(case["dae"], x, case["mu"], case["sigma"], cfg)
-    first = backend.purify(case["dae"], x, case["mu"], case["sigma"], cfg)
-    assert torch.equal(first.images, want.images)
-    assert backend.report()["reference_batches_while_compiling"] == 1
-    assert backend.report()["first_batch_check"] is None
-    second = backend.purify(case["dae"], x, case["mu"], case["sigma"], cfg)
-    report = backend.report()
-    assert report["backend"] == "compiled" and report["reference_batches_while_compiling"] == 1
-    assert report["first_batch_check"]["images"] == 6
-    assert not report["first_batch_check"]["failures"]
-    torch.testing.assert_close(second.images, want.images, rtol=0, atol=1e-4)
-
-
-def test_a_background_build_that_fails_falls_back_with_one_warning(case, monkeypatch, caplog):
-    def broken(*args, **kwargs):
-        raise RuntimeError("C++ compile error: Python.h not found")
-
-    monkeypatch.setattr(compiled_module, "engine_for", broken)
-    backend = backends.OptimizedBackend("compiled", torch.device("cpu"), "fp32", fallback=True,
-                                        background=True)
-    x, cfg = case["x"][:3], PurifyConfig(seed=0)
-    want = get_backend("reference").purify(case["dae"], x, case["mu"], case["sigma"], cfg)
-    with caplog.at_level(logging.WARNING, logger="apudae_engine.backends.selection"):
-        results = [backend.purify(case["dae"], x, case["mu"], case["sigma"], cfg)
-                   for _ in range(3)]
-    assert all(torch.equal(r.images, want.images) for r in results)
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "Python.h not found" in warnings[0].message
-    assert backend.report()["backend"] == "reference"
-
-
 @needs_compiler
 def test_compiled_cpu_reports_r_after_from_its_graph(case):
     """The compiled loop returns r of its purified images (its folded graph), which the
