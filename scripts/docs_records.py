@@ -22,6 +22,7 @@ from docs_figures import RESULTS, bench_rows  # noqa: E402
 
 RECORDS_MARKER = "<!-- eval-records -->"
 BENCH_MARKER = "<!-- bench-table -->"
+CLI_MARKER = "<!-- cli-vs-script -->"
 COMMAND = re.compile(r"^Command:\s*`([^`]+)`", re.M)
 
 
@@ -100,5 +101,29 @@ def bench_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+def cli_vs_script_table() -> str:
+    """docs/performance.md's ``<!-- cli-vs-script -->``: every
+    ``benchmarks/results/purify_cli_vs_script_*.json`` record of
+    ``benchmarks/bench_purify_cli.py`` as one row per image count."""
+    lines = ["| images | user script (s, each run) | `purify` (s, each run) | median img/s: "
+             "script / purify | ratio | `purify`'s first run (builds the loop cache) | "
+             "machine | record |", "|---|---|---|---|---|---|---|---|"]
+    for path in sorted(RESULTS.glob("purify_cli_vs_script_*.json")):
+        doc = json.loads(path.read_text())
+        m = doc["machine"]
+        machine = (f"{m['cpu']}, {m['cores']} cores, torch {m['torch']}, {m['date']}")
+        for row in doc["results"]:
+            runs = {k: ", ".join(f"{r['wall_s']:.1f}" for r in v) for k, v in row["runs"].items()}
+            ips = row["images_per_s"]
+            first = row.get("purify_first_run_s")
+            lines.append(
+                f"| {row['images']:,} | {runs['user_script']} | {runs['purify']} | "
+                f"{ips['user_script']:.1f} / {ips['purify']:.1f} | "
+                f"**{row['ratio_vs_user_script']:.3f}x** | "
+                f"{'–' if first is None else f'{first:.1f} s'} | {machine} | "
+                f"`{path.relative_to(RESULTS.parent.parent)}` |")
+    return "\n".join(lines) + "\n"
+
+
 if __name__ == "__main__":
-    sys.stdout.write(records_table() + "\n" + bench_table())
+    sys.stdout.write(records_table() + "\n" + bench_table() + "\n" + cli_vs_script_table())
