@@ -48,14 +48,18 @@ def enabled() -> bool:
     return os.environ.get("APUDAE_LOOP_CACHE", "1") != "0"
 
 
+# The modules whose source defines the graphs (found, not imported: compiled imports this one).
+SOURCES = ("apudae_engine.backends.compiled", "apudae_engine.backends.step_graph",
+           "apudae_kernels.reference")
+
+
 def _sources_digest() -> str:
     """The source files that define the graphs: a change to any of them is a new key."""
-    from apudae_engine.backends import compiled, step_graph
-    from apudae_kernels import reference
+    import importlib.util
 
     h = hashlib.sha256()
-    for module in (compiled, step_graph, reference):
-        h.update(Path(module.__file__).read_bytes())
+    for name in SOURCES:
+        h.update(Path(importlib.util.find_spec(name).origin).read_bytes())
     return h.hexdigest()
 
 
