@@ -6,21 +6,27 @@
   bench`` records in benchmarks/results/ (``THROUGHPUT_RECORDS``).
 - ``r_histogram.png``: the reconstruction error of clean and attacked test images from the
   evaluation records' per_image.npz, with the bundled model's mu and its flag threshold.
+- ``aware_curves.png``: robust accuracy against eps against attackers who know each defense,
+  without and with detect-and-reject, per dataset (``CURVE_RECORDS``, ``evaluate
+  --aware-sweep`` records).
 - ``results/...``: the plots ``apudae-engine evaluate`` and ``tune`` committed beside their
   records (accuracy against eps, r histograms, example images), copied as they are.
 
 The docs build makes these in memory on every build (scripts/docs_hooks.py), so nothing
-generated is committed except the README's picture, ``docs/figures/preview.png``: GitHub shows
-the README without a build. ``--preview`` redraws it (it runs ``purify``, seconds on a CPU).
+generated is committed except the README's two pictures (GitHub shows the README without a
+build): ``docs/figures/preview.png`` and ``docs/figures/aware_curves.png``.
+``--preview`` redraws the first (it runs ``purify``, seconds on a CPU), ``--curves`` the second.
 
     python scripts/docs_figures.py --out /tmp/figures   # write the build's figures to look at
     python scripts/docs_figures.py --preview            # redraw docs/figures/preview.png
+    python scripts/docs_figures.py --curves             # redraw docs/figures/aware_curves.png
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import hashlib
 import io
 import json
 import sys
@@ -54,11 +60,12 @@ def _toml(path: Path) -> dict:
     return tomllib.loads(path.read_text())
 
 
-def _png(fig) -> bytes:
+def _png(fig, description: str | None = None) -> bytes:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight", metadata={"Software": None})
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight",
+                metadata={"Software": None, "Description": description})
     plt.close(fig)
     return buf.getvalue()
 
@@ -279,6 +286,104 @@ def r_histogram_png() -> bytes:
     return _png(fig)
 
 
+# -- defense-aware curves --------------------------------------------------------------------
+
+# The defense-aware curves (``evaluate --aware-sweep``) per dataset: its records under
+# benchmarks/results/eval/, in order; a later record adds the targets the first lacks (the
+# adaptive defense at the method's own settings runs in a folder of its own).
+CURVE_RECORDS = (("Fashion-MNIST", ("fmnist-aware-curve", "fmnist-aware-curve-method")),
+                 ("MNIST", ("mnist-aware-curve",)))
+CURVES = ROOT / "docs" / "figures" / "aware_curves.png"
+CURVE_LABELS = {"none": "no defense", "direct": "direct DAE"}
+
+
+def _curve_label(target: str, settings: dict) -> str:
+    if target != "adaptive":
+        return CURVE_LABELS.get(target, target)
+    tuned = (settings["defenses"].get("adaptive") or {}).get("defaults") == "tuned"
+    return "adaptive, tuned" if tuned else "adaptive, method's settings"
+
+
+def curve_series(records: tuple[str, ...]) -> list[dict]:
+    """A dataset's curves, one per target over its ``records`` (missing ones skipped): label,
+    record, the clean point (accuracy; accepted accuracy for detect and reject) and the
+    results.json points (worst case over the attacks, in the target's own column)."""
+    series, seen = [], set()
+    for record in records:
+        path = RESULTS / "eval" / record / "results.json"
+        if not path.exists():
+            continue
+        doc = json.loads(path.read_text())
+        curves = doc["aware_sweep"]
+        for target, points in curves["targets"].items():
+            label = _curve_label(target, doc["settings"])
+            if label in seen:
+                continue
+            seen.add(label)
+            clean = curves["clean"]
+            series.append({"label": label, "record": record, "target": target,
+                           "n_clean": clean["n"], "clean": clean["accuracy"][target],
+                           "clean_accepted": clean["accepted_accuracy"][target],
+                           "clean_rejected": clean["rejected"], "points": points,
+                           "command": doc["settings"]["command"],
+                           "attacks": curves["attacks"], "draws": curves["draws"]})
+    return series
+
+
+def curves_digest(rows: list[tuple[str, list[dict]]]) -> str:
+    """What the curves figure was drawn from (sha256 of its series), kept in the PNG's
+    Description so a test can tell a stale README figure without comparing pixels."""
+    return "aware-curves sha256:" + hashlib.sha256(
+        json.dumps(rows, sort_keys=True).encode()).hexdigest()
+
+
+def curve_rows() -> list[tuple[str, list[dict]]]:
+    """``curve_series`` of every dataset of ``CURVE_RECORDS`` that has a record."""
+    rows = [(name, curve_series(records)) for name, records in CURVE_RECORDS]
+    return [(name, series) for name, series in rows if series]
+
+
+def aware_curves_png() -> bytes:
+    """Robust accuracy against L-inf eps against attackers who know each defense (mean over
+    held-out draws with its 95 % band; dashed: correct on every draw), without and with
+    detect-and-reject, a row per dataset of ``CURVE_RECORDS``."""
+    plt = _pyplot()
+    rows = curve_rows()
+    fig, axes = plt.subplots(len(rows), 2, figsize=(9, 3.3 * len(rows)), dpi=90,
+                             sharey=True, squeeze=False)
+    colors = {"no defense": "#8c8c8c", "direct DAE": "#2ca02c", "adaptive, tuned": "#1f77b4",
+              "adaptive, method's settings": "#ff7f0e"}
+    for (name, series), ax_row in zip(rows, axes):
+        for ax, system in zip(ax_row, (False, True)):
+            for s in series:
+                pts = [p.get("rejection", {}) if system else p for p in s["points"]]
+                eps = [0.0] + [p["eps"] for p in s["points"]]
+                start = s["clean_accepted"] if system else s["clean"]
+                mean = [start] + [q.get("mean", q.get("seed")) for q in pts]
+                every = [start] + [q.get("all", q.get("seed")) for q in pts]
+                band = [(q.get("ci95") or {}).get("mean") or [q.get("seed")] * 2 for q in pts]
+                color = colors.get(s["label"])
+                ax.plot(eps, [100 * v for v in mean], marker="o", ms=3, color=color,
+                        label=s["label"])
+                ax.fill_between(eps, [100 * start] + [100 * b[0] for b in band],
+                                [100 * start] + [100 * b[1] for b in band], color=color,
+                                alpha=0.12, lw=0)
+                ax.plot(eps, [100 * v for v in every], ls="--", lw=0.8, color=color)
+            ax.set_title(f"{name}: " + ("detect and reject (flagged or correct)" if system
+                                        else "robust accuracy"), fontsize=9)
+            ax.set_ylim(0, 100)
+            ax.grid(alpha=0.3)
+            ax.set_xlabel("L\u221e eps, crafted against each defense")
+        ax_row[0].set_ylabel("accuracy (%)")
+        ax_row[0].legend(fontsize=7, title="solid: mean over held-out draws; dashed: all",
+                         title_fontsize=6)
+    records = sorted({s["record"] for _, series in rows for s in series})
+    fig.text(0.01, 0.0, "records: " + ", ".join(f"benchmarks/results/eval/{r}" for r in records),
+             fontsize=6)
+    fig.tight_layout(rect=(0, 0.02, 1, 1))
+    return _png(fig, curves_digest(rows))
+
+
 # -- all figures -------------------------------------------------------------------------------
 
 
@@ -291,7 +396,8 @@ def committed_plots() -> dict[str, bytes]:
 def figures() -> dict[str, bytes]:
     """Every figure of the docs build, keyed by its path under the site's ``generated/``."""
     return {"architecture.png": architecture_png(), "throughput.png": throughput_png(),
-            "r_histogram.png": r_histogram_png(), **committed_plots()}
+            "r_histogram.png": r_histogram_png(), "aware_curves.png": aware_curves_png(),
+            **committed_plots()}
 
 
 def draw_preview(path: Path = PREVIEW, rows: int = PREVIEW_ROWS) -> Path:
@@ -331,9 +437,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the build's figures into this folder")
     parser.add_argument("--preview", action="store_true",
                         help=f"redraw {PREVIEW.relative_to(ROOT)}")
+    parser.add_argument("--curves", action="store_true",
+                        help=f"redraw {CURVES.relative_to(ROOT)} (the README's) from the records")
     a = parser.parse_args(argv)
-    if not (a.out or a.preview):
-        parser.error("give --out DIR, --preview or both")
+    if not (a.out or a.preview or a.curves):
+        parser.error("give --out DIR, --preview, --curves or several")
     if a.out:
         for name, data in figures().items():
             (a.out / name).parent.mkdir(parents=True, exist_ok=True)
@@ -341,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
             print(a.out / name)
     if a.preview:
         print(draw_preview())
+    if a.curves:
+        CURVES.write_bytes(aware_curves_png())
+        print(CURVES)
     return 0
 
 

@@ -41,7 +41,8 @@ def on_files(files, config):
 GENERATORS = {docs_cli_reference.MARKER: docs_cli_reference.cli_reference,
               docs_records.RECORDS_MARKER: docs_records.records_table,
               docs_records.BENCH_MARKER: docs_records.bench_table,
-              docs_records.CLI_MARKER: docs_records.cli_vs_script_table}
+              docs_records.CLI_MARKER: docs_records.cli_vs_script_table,
+              docs_records.CURVES_MARKER: docs_records.curves_table}
 
 
 def on_page_markdown(markdown, page, config, files):

@@ -3,6 +3,8 @@
 - ``records_table()``: every evaluation and tuning record under benchmarks/results/ with the
   command that made it (its results.md or tune.md ``Command:`` line), its size and time, and
   the adaptive settings it ran; docs/evaluation.md's ``<!-- eval-records -->``.
+- ``curves_table()``: the defense-aware curves (``docs_figures.CURVE_RECORDS``), a table per
+  dataset; docs/evaluation.md's ``<!-- aware-curves -->``.
 - ``bench_table()``: the ``apudae-engine bench`` records the performance page quotes
   (``docs_figures.THROUGHPUT_RECORDS``); docs/performance.md's ``<!-- bench-table -->``.
 
@@ -18,11 +20,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from docs_figures import RESULTS, bench_rows  # noqa: E402
+from docs_figures import CURVE_RECORDS, RESULTS, bench_rows, curve_series  # noqa: E402
 
 RECORDS_MARKER = "<!-- eval-records -->"
 BENCH_MARKER = "<!-- bench-table -->"
 CLI_MARKER = "<!-- cli-vs-script -->"
+CURVES_MARKER = "<!-- aware-curves -->"
 COMMAND = re.compile(r"^Command:\s*`([^`]+)`", re.M)
 
 
@@ -125,5 +128,47 @@ def cli_vs_script_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{100 * v:.1f}"
+
+
+def curves_table() -> str:
+    """docs/evaluation.md's ``<!-- aware-curves -->``: per dataset, a row per eps and a column
+    per defense; a cell is robust accuracy / the detect-and-reject system's accuracy, both
+    the worst case over the attacks as the mean over held-out draws (correct on all draws
+    in brackets), eps 0 the clean accuracy / accuracy on the accepted clean images."""
+    out = []
+    for name, records in CURVE_RECORDS:
+        series = curve_series(records)
+        if not series:
+            continue
+        s0 = series[0]
+        out += [f"**{name}**: {s0['n_clean']:,} clean test images, {s0['points'][0]['n']} "
+                f"attacked per point; attacks {', '.join(s0['attacks'])} (per-image worst "
+                f"case), scored on {s0['draws']} held-out noise draws; clean rejection rate "
+                f"{_pct(s0['clean_rejected'])} %.", "",
+                "| eps | " + " | ".join(s["label"] for s in series) + " |",
+                "|---|" + "---|" * len(series)]
+        out.append("| 0 (clean) | " + " | ".join(
+            f"{_pct(s['clean'])} / {_pct(s['clean_accepted'])}" for s in series) + " |")
+        eps = sorted({p["eps"] for s in series for p in s["points"]})
+        for e in eps:
+            cells = []
+            for s in series:
+                p = next((q for q in s["points"] if q["eps"] == e), None)
+                if p is None:
+                    cells.append("not run")
+                    continue
+                r = p.get("rejection", {})
+                cells.append(f"{_pct(p.get('mean', p['seed']))} ({_pct(p.get('all', p['seed']))})"
+                             f" / {_pct(r.get('mean', r.get('seed')))} "
+                             f"({_pct(r.get('all', r.get('seed')))})")
+            out.append(f"| {e:g} | " + " | ".join(cells) + " |")
+        out += ["", "Commands: " + "; ".join(
+            f"`{c}`" for c in dict.fromkeys(s["command"] for s in series)), ""]
+    return "\n".join(out) + "\n"
+
+
 if __name__ == "__main__":
-    sys.stdout.write(records_table() + "\n" + bench_table() + "\n" + cli_vs_script_table())
+    sys.stdout.write(records_table() + "\n" + bench_table() + "\n" + cli_vs_script_table()
+                     + "\n" + curves_table())

@@ -124,3 +124,25 @@ def test_every_record_is_listed_with_its_command():
     assert all(r["command"] for r in rows), [r["record"] for r in rows if not r["command"]]
     assert docs_records.RECORDS_MARKER in (ROOT / "docs" / "evaluation.md").read_text()
     assert docs_records.BENCH_MARKER in (ROOT / "docs" / "performance.md").read_text()
+
+
+def test_the_curves_come_from_every_dataset_record_and_match_the_readme_figure():
+    """Each dataset of CURVE_RECORDS has its first record (every target) committed, the
+    evaluation page holds the generated table, and the README's committed figure was drawn
+    from the records as they are now (redraw it with ``scripts/docs_figures.py --curves``)."""
+    from PIL import Image
+
+    for name, records in docs_figures.CURVE_RECORDS:
+        series = docs_figures.curve_series(records)
+        assert {s["target"] for s in series} >= {"none", "direct", "adaptive"}, name
+        assert all(len(s["points"]) >= 4 for s in series), name
+    table = docs_records.curves_table()
+    for name, _ in docs_figures.CURVE_RECORDS:
+        assert f"**{name}**" in table
+    assert docs_records.CURVES_MARKER in (ROOT / "docs" / "evaluation.md").read_text()
+    readme = (ROOT / "README.md").read_text()
+    assert docs_figures.CURVES.relative_to(ROOT).as_posix() in readme
+    with Image.open(docs_figures.CURVES) as png:
+        drawn_from = png.info.get("Description")
+    assert drawn_from == docs_figures.curves_digest(docs_figures.curve_rows()), \
+        "docs/figures/aware_curves.png is stale: python scripts/docs_figures.py --curves"

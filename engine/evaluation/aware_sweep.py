@@ -67,7 +67,9 @@ def summarize_curves(config, tables: dict[str, dict[str, Any]],
         points = []
         for eps in sorted(c.aware_sweep):
             table = tables[aware_key(target, eps)]
-            rows = {name: _point(e, target) for name, e in table.items() if name != WORST_CASE}
+            rows = {name: {**_point(e, target),
+                           "attack_cpu_seconds": round(e.get("attack_cpu_seconds", 0.0), 1)}
+                    for name, e in table.items() if name != WORST_CASE}
             worst = table.get(WORST_CASE)
             point = _point(worst, target) if worst else next(iter(rows.values()))
             attacked = [e for name, e in table.items() if name != WORST_CASE]
@@ -102,7 +104,8 @@ def markdown(curves: dict[str, Any], target_settings: dict[str, str]) -> list[st
            "classifies it correctly. *flagged*: attacked inputs rejected. Eps 0: clean "
            f"images (n = {clean['n']}); the system rejects {_pct(clean['rejected'])} % of "
            f"them (the false-positive rate on this split) and its accuracy there is on the "
-           f"{clean['accepted_n']} accepted ones.", ""]
+           f"{clean['accepted_n']} accepted ones. *attack CPU s*: the attack's CPU seconds (all "
+           "threads), the worst-case row their sum.", ""]
     for target, points in curves["targets"].items():
         out += [f"### Against {LABELS[target]}{target_settings.get(target, '')}", "",
                 "| eps | attack | n | seed | mean [95 % CI] | all | flagged | "
@@ -121,8 +124,7 @@ def markdown(curves: dict[str, Any], target_settings: dict[str, str]) -> list[st
                     f"{_pct(q.get('mean'))}{_ci((q.get('ci95') or {}).get('mean'))} | "
                     f"{_pct(q.get('all'))} | {_pct(r.get('flagged'))} | {_pct(r.get('seed'))} | "
                     f"{_pct(r.get('mean'))}{_ci((r.get('ci95') or {}).get('mean'))} | "
-                    f"{_pct(r.get('all'))} | "
-                    f"{p['attack_cpu_seconds']:.0f} |")
+                    f"{_pct(r.get('all'))} | {q['attack_cpu_seconds']:.0f} |")
         out.append("")
     return out
 
