@@ -27,7 +27,7 @@ from apudae_engine.backends.purifier import Purifier
 from apudae_engine.backends.selection import backend_for_job
 from apudae_engine.core.errors import UserError
 from apudae_engine.core.host import resolve_device
-from apudae_engine.folder.batch import REJECTED, BatchPurifier
+from apudae_engine.folder.batch import ERROR, REJECTED, BatchPurifier
 from apudae_engine.folder.contract import (
     MANIFEST,
     InputFile,
@@ -116,9 +116,10 @@ class FolderRun:
     t_start: float
     preview: list = field(default_factory=list)
     ran: dict | list | None = None
+    planned: dict[str, str] = field(default_factory=dict)  # every input's output name
 
     def __post_init__(self) -> None:
-        self._outputs = {i.rel: i.output for i in self.todo}
+        self._outputs = {**self.planned, **{i.rel: i.output for i in self.todo}}
 
     @property
     def purifier(self) -> Purifier:
@@ -133,10 +134,15 @@ class FolderRun:
     def commit(self, records: list[dict]) -> None:
         """Append records whose files are in place and count them (``contract``)."""
         for rec in records:
-            if rec["status"] == REJECTED:  # a file of an earlier, replaced run must not stay
+            # An image with no output now (rejected, or an input that fails since it was
+            # replaced) must not keep the file an earlier run wrote for it.
+            if rec["status"] in (REJECTED, ERROR) and rec["path"] in self._outputs:
                 stale = self.job.output_dir / self._outputs[rec["path"]]
                 if stale.is_file():
-                    stale.unlink()
+                    try:
+                        stale.unlink()
+                    except OSError as exc:
+                        raise output_error(exc, stale) from None
         commit_records(self.manifest, self.summary, records)
         self.summary.seconds = time.perf_counter() - self.t_start
 
@@ -191,7 +197,7 @@ def folder_run(job: FolderJob, on_ray: bool = False,
             refused = [i for i in todo if i.refused]
             run = FolderRun(job, batches, device, backend, labels, loader,
                             [i for i in todo if not i.refused], summary, manifest,
-                            time.perf_counter())
+                            time.perf_counter(), planned={i.rel: i.output for i in inputs})
             if refused:
                 run.commit([image_record(i.rel, error=i.refused, source=i.source)
                             for i in refused])

@@ -105,6 +105,23 @@ def test_a_changed_input_is_refused_then_redone_with_overwrite(tiny_model, image
     assert read_manifest(out)["a/img1.png"]["r_before"] != recs["a/img1.png"]["r_before"]
 
 
+def test_an_input_replaced_by_a_broken_file_loses_its_old_output(tiny_model, image_folder,
+                                                                   tmp_path):
+    """--overwrite redoes a changed input; when it now fails, the purified file of the
+    earlier run must go, or the folder would hold an output its manifest calls an error."""
+    out = tmp_path / "out"
+    args = ["--input", str(image_folder), "--output", str(out), "--model", str(tiny_model)]
+    assert run_cli(*args) == 0
+    old = out / read_manifest(out)["a/img1.png"]["output"]
+    assert old.is_file()
+    (image_folder / "a" / "img1.png").write_bytes(b"not a png any more")
+    assert run_cli(*args, "--overwrite") == 1  # one image failed
+    rec = read_manifest(out)["a/img1.png"]
+    assert rec["status"] == "error" and rec["error"]
+    assert not old.exists()
+    assert sum(r["status"] == "ok" for r in read_manifest(out).values()) == 9
+
+
 # -- 3. names that are not UTF-8 ------------------------------------------------------------------
 
 
