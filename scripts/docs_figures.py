@@ -349,6 +349,9 @@ def aware_curves_png() -> bytes:
     detect-and-reject, a row per dataset of ``CURVE_RECORDS``."""
     plt = _pyplot()
     rows = curve_rows()
+    if not rows:
+        raise FileNotFoundError("no defense-aware curve record (CURVE_RECORDS) has a "
+                                "results.json under benchmarks/results/eval/")
     fig, axes = plt.subplots(len(rows), 2, figsize=(9, 3.3 * len(rows)), dpi=90,
                              sharey=True, squeeze=False)
     colors = {"no defense": "#8c8c8c", "direct DAE": "#2ca02c", "adaptive, tuned": "#1f77b4",

@@ -14,9 +14,12 @@ scripts/docs_hooks.py puts them into the pages; run this file to print both.
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -132,6 +135,71 @@ def _pct(v: float | None) -> str:
     return "–" if v is None else f"{100 * v:.1f}"
 
 
+def system_defended(series: dict, eps: float) -> np.ndarray:
+    """Per attacked image of a curve's point: is the detect-and-reject system right on every
+    held-out draw (flagged, or classified correctly on all of them) under every attack of the
+    point (their per-image worst case)? From the record's per_image.npz."""
+    folder = RESULTS / "eval" / series["record"]
+    settings = json.loads((folder / "results.json").read_text())["settings"]
+    threshold, k = settings["calibration"]["flag_threshold"], settings["draws"]
+    npz = np.load(folder / "per_image.npz")
+    table = f"aware-{series['target']}-eps{eps:g}"
+    ok = None
+    for attack in series["attacks"]:
+        key = f"{table}/{attack}"
+        good = (npz[f"{key}/error"] > threshold) | (npz[f"{key}/draws"] == k)
+        ok = good if ok is None else ok & good
+    return ok
+
+
+def _images(series: dict) -> tuple:
+    """What identifies a curve's attacked images: dataset, split, offset and count."""
+    settings = json.loads((RESULTS / "eval" / series["record"] / "results.json").read_text())[
+        "settings"]
+    return tuple(settings[k] for k in ("dataset", "split", "offset", "aware_n"))
+
+
+def sign_test(b: int, c: int) -> float:
+    """Two-sided exact sign test (McNemar's exact test) of b against c discordant pairs."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def paired_table(series: list[dict]) -> list[str]:
+    """Each adaptive curve against no defense and the direct DAE on the same images, the
+    detect-and-reject system correct on all held-out draws: +b / -c (images only it / only
+    the other defends) and the exact sign test's two-sided p."""
+    by_target = {s["label"]: s for s in series}
+    others = [by_target[k] for k in ("no defense", "direct DAE") if k in by_target]
+    adaptive = [s for s in series if s["target"] == "adaptive"]
+    if not (others and adaptive):
+        return []
+    cols = [(a, o) for a in adaptive for o in others]
+    lines = ["Paired, on the same attacked images (detect and reject, correct on all held-out "
+             "draws): *+b / −c* = images only the adaptive system defends / only the other "
+             "does; *p*: exact two-sided sign test.", "",
+             "| eps | " + " | ".join(f"{a['label']} vs {o['label']}" for a, o in cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    eps = sorted({p["eps"] for a in adaptive for p in a["points"]})
+    for e in eps:
+        cells = []
+        for a, o in cols:
+            if not all(any(p["eps"] == e for p in s["points"]) for s in (a, o)):
+                cells.append("not run")
+                continue
+            if _images(a) != _images(o):
+                cells.append("other images")
+                continue
+            x, y = system_defended(a, e), system_defended(o, e)
+            b, c = int((x & ~y).sum()), int((~x & y).sum())
+            cells.append(f"+{b} / −{c}, p = {sign_test(b, c):.2g}")
+        lines.append(f"| {e:g} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def curves_table() -> str:
     """docs/evaluation.md's ``<!-- aware-curves -->``: per dataset, a row per eps and a column
     per defense; a cell is robust accuracy / the detect-and-reject system's accuracy, both
@@ -164,6 +232,7 @@ def curves_table() -> str:
                              f" / {_pct(r.get('mean', r.get('seed')))} "
                              f"({_pct(r.get('all', r.get('seed')))})")
             out.append(f"| {e:g} | " + " | ".join(cells) + " |")
+        out += ["", *paired_table(series)]
         out += ["", "Commands: " + "; ".join(
             f"`{c}`" for c in dict.fromkeys(s["command"] for s in series)), ""]
     return "\n".join(out) + "\n"
