@@ -54,6 +54,14 @@ def test_every_command_with_such_a_flag_offers_the_same_names():
     assert {"purify", "purify-ray", "verify", "serve", "evaluate"} <= seen
     evaluate = _subcommands()["evaluate"]
     assert _choices(evaluate, "--aware-target") == choices.DEFENSES[1:]
+    classifier = _subcommands()["train-classifier"]
+    assert _choices(classifier, "--arch") == choices.CLASSIFIER_ARCHS
+
+
+def test_every_classifier_arch_is_a_built_architecture():
+    from apudae_engine.method.models import ARCHITECTURES
+
+    assert set(choices.CLASSIFIER_ARCHS) <= set(ARCHITECTURES)
 
 
 def test_the_library_validates_against_the_same_names():

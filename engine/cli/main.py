@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from apudae_engine._version import __version__
 from apudae_engine.cli.options import add_purify_options, add_reject_option, purify_config
-from apudae_engine.core.choices import LOADER_CHOICES
+from apudae_engine.core.choices import CLASSIFIER_ARCHS, LOADER_CHOICES
 
 log = logging.getLogger("apudae_engine")
 
@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-classifier", help="train a classifier")
     _train_options(p, epochs=8)
-    p.add_argument("--arch", choices=("small_cnn", "resnet18_cifar"), default="small_cnn")
+    p.add_argument("--arch", choices=CLASSIFIER_ARCHS, default=CLASSIFIER_ARCHS[0])
     p.add_argument("--augment", action="store_true", help="flips and shifts (colour data)")
     p.set_defaults(func=_cmd_train_classifier)
 

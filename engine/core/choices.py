@@ -32,5 +32,8 @@ LOADER_CLASSES = {
 LOADERS = tuple(LOADER_CLASSES)
 LOADER_CHOICES = ("auto", *LOADERS)
 
+# What ``train-classifier --arch`` builds (``method.models.ARCHITECTURES`` holds each class).
+CLASSIFIER_ARCHS = ("small_cnn", "resnet18_cifar")
+
 # What ``evaluate`` scores: the classifier alone, then each purifying defense.
 DEFENSES = ("none", "direct", "iterative", "adaptive", "adaptive-compat")
