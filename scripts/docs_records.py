@@ -214,7 +214,9 @@ def curves_table() -> str:
         out += [f"**{name}**: {s0['n_clean']:,} clean test images, {s0['points'][0]['n']} "
                 f"attacked per point; attacks {', '.join(s0['attacks'])} (per-image worst "
                 f"case), scored on {s0['draws']} held-out noise draws; clean rejection rate "
-                f"{_pct(s0['clean_rejected'])} %.", "",
+                f"{_pct(s0['clean_rejected'])} %. Cells: robust accuracy, mean over the draws "
+                "(correct on all) / the detect-and-reject system's, the same; eps 0: clean "
+                "accuracy / accuracy on the accepted clean images.", "",
                 "| eps | " + " | ".join(s["label"] for s in series) + " |",
                 "|---|" + "---|" * len(series)]
         out.append("| 0 (clean) | " + " | ".join(

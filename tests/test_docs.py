@@ -136,6 +136,11 @@ def test_the_curves_come_from_every_dataset_record_and_match_the_readme_figure()
         series = docs_figures.curve_series(records)
         assert {s["target"] for s in series} >= {"none", "direct", "adaptive"}, name
         assert all(len(s["points"]) >= 4 for s in series), name
+        for s in series:  # the paired test's per-image outcomes recount the record's tables
+            for p in s["points"]:
+                defended = docs_records.system_defended(s, p["eps"])
+                assert len(defended) == p["n"]
+                assert defended.mean() == pytest.approx(p["rejection"]["all"], abs=1e-9)
     table = docs_records.curves_table()
     for name, _ in docs_figures.CURVE_RECORDS:
         assert f"**{name}**" in table
