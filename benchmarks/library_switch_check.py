@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ import torch
 from apudae_engine.backends.purifier import Purifier
 from apudae_engine.core.host import describe
 from apudae_engine.evaluation.attacks import AttackSpec, project, run_attack
+from apudae_engine.evaluation.tables import mcnemar_p
 from apudae_engine.images.datasets import load_dataset
 from apudae_engine.method.checkpoint import load_classifier
 from apudae_engine.method.config import PurifyConfig
@@ -65,15 +65,6 @@ def craft_torchattacks(spec: AttackSpec, model, x, y, num_classes: int) -> torch
     if spec.name == "deepfool":  # the engine's overshoot on the total perturbation
         raw = (x + 1.02 * (raw - x)).clamp(0, 1)
     return project(raw, x, spec.norm, spec.eps)
-
-
-def mcnemar_p(b: int, c: int) -> float:
-    """Exact two-sided McNemar p-value for b and c discordant pairs."""
-    n = b + c
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n
-    return min(1.0, 2 * tail)
 
 
 def main() -> None:

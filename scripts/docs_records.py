@@ -14,12 +14,13 @@ scripts/docs_hooks.py puts them into the pages; run this file to print both.
 from __future__ import annotations
 
 import json
-import math
 import re
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from apudae_engine.evaluation.tables import mcnemar_p
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -159,15 +160,6 @@ def _images(series: dict) -> tuple:
     return tuple(settings[k] for k in ("dataset", "split", "offset", "aware_n"))
 
 
-def sign_test(b: int, c: int) -> float:
-    """Two-sided exact sign test (McNemar's exact test) of b against c discordant pairs."""
-    n = b + c
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2 ** n
-    return min(1.0, 2 * tail)
-
-
 def paired_table(series: list[dict]) -> list[str]:
     """Each adaptive curve against no defense and the direct DAE on the same images, the
     detect-and-reject system correct on all held-out draws: +b / -c (images only it / only
@@ -195,7 +187,7 @@ def paired_table(series: list[dict]) -> list[str]:
                 continue
             x, y = system_defended(a, e), system_defended(o, e)
             b, c = int((x & ~y).sum()), int((~x & y).sum())
-            cells.append(f"+{b} / −{c}, p = {sign_test(b, c):.2g}")
+            cells.append(f"+{b} / −{c}, p = {mcnemar_p(b, c):.2g}")
         lines.append(f"| {e:g} | " + " | ".join(cells) + " |")
     return lines
 

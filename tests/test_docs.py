@@ -145,8 +145,8 @@ def test_the_curves_come_from_every_dataset_record_and_match_the_readme_figure()
     for name, _ in docs_figures.CURVE_RECORDS:
         assert f"**{name}**" in table
     assert "vs no defense" in table and "other images" not in table
-    assert docs_records.sign_test(8, 0) == 2 / 2**8 and docs_records.sign_test(0, 0) == 1.0
-    assert docs_records.sign_test(3, 3) == 1.0
+    assert docs_records.mcnemar_p(8, 0) == 2 / 2**8 and docs_records.mcnemar_p(0, 0) == 1.0
+    assert docs_records.mcnemar_p(3, 3) == 1.0
     assert docs_records.CURVES_MARKER in (ROOT / "docs" / "evaluation.md").read_text()
     readme = (ROOT / "README.md").read_text()
     assert docs_figures.CURVES.relative_to(ROOT).as_posix() in readme

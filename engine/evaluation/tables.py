@@ -156,6 +156,16 @@ def wilson(p: float, n: int, z: float = 1.96) -> list[float]:
     return [round(max(centre - half, 0.0), 4), round(min(centre + half, 1.0), 4)]
 
 
+def mcnemar_p(b: int, c: int) -> float:
+    """Exact two-sided McNemar p-value (the sign test) for ``b`` and ``c`` discordant pairs:
+    images only one of two defenses gets right, and only the other."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
 def sweep_todo(config: EvalConfig) -> list[float]:
     """Sweep eps values the oblivious PGD row does not already give."""
     c = config
