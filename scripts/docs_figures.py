@@ -326,6 +326,9 @@ def curve_series(records: tuple[str, ...]) -> list[dict]:
                            "clean_accepted": clean["accepted_accuracy"][target],
                            "clean_rejected": clean["rejected"], "points": points,
                            "command": doc["settings"]["command"],
+                           "threshold": doc["settings"]["calibration"]["flag_threshold"],
+                           "images": [doc["settings"][k] for k in
+                                      ("dataset", "split", "offset", "aware_n")],
                            "attacks": curves["attacks"], "draws": curves["draws"]})
     return series
 

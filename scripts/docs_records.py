@@ -140,10 +140,8 @@ def system_defended(series: dict, eps: float) -> np.ndarray:
     """Per attacked image of a curve's point: is the detect-and-reject system right on every
     held-out draw (flagged, or classified correctly on all of them) under every attack of the
     point (their per-image worst case)? From the record's per_image.npz."""
-    folder = RESULTS / "eval" / series["record"]
-    settings = json.loads((folder / "results.json").read_text())["settings"]
-    threshold, k = settings["calibration"]["flag_threshold"], settings["draws"]
-    npz = np.load(folder / "per_image.npz")
+    threshold, k = series["threshold"], series["draws"]
+    npz = np.load(RESULTS / "eval" / series["record"] / "per_image.npz")
     table = f"aware-{series['target']}-eps{eps:g}"
     ok = None
     for attack in series["attacks"]:
@@ -151,13 +149,6 @@ def system_defended(series: dict, eps: float) -> np.ndarray:
         good = (npz[f"{key}/error"] > threshold) | (npz[f"{key}/draws"] == k)
         ok = good if ok is None else ok & good
     return ok
-
-
-def _images(series: dict) -> tuple:
-    """What identifies a curve's attacked images: dataset, split, offset and count."""
-    settings = json.loads((RESULTS / "eval" / series["record"] / "results.json").read_text())[
-        "settings"]
-    return tuple(settings[k] for k in ("dataset", "split", "offset", "aware_n"))
 
 
 def paired_table(series: list[dict]) -> list[str]:
@@ -182,7 +173,7 @@ def paired_table(series: list[dict]) -> list[str]:
             if not all(any(p["eps"] == e for p in s["points"]) for s in (a, o)):
                 cells.append("not run")
                 continue
-            if _images(a) != _images(o):
+            if a["images"] != o["images"]:
                 cells.append("other images")
                 continue
             x, y = system_defended(a, e), system_defended(o, e)
