@@ -267,10 +267,21 @@ def _has_gpu() -> bool:
         return False
 
 
+# The oldest triton whose launch binding (``triton.knobs``) this check reproduces.
+MIN_TRITON = (3, 4)
+
+
 def header(targets: list[str]) -> dict:
-    """What the report was made with: triton, ptxas per target, the host, and no device."""
+    """What the report was made with: triton, ptxas per target, the host, and no device.
+    Raises ImportError, naming the installed version, where triton is older than the check's
+    ``MIN_TRITON`` (the argument binding above uses ``triton.knobs``)."""
     import triton
 
+    found = tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:2])
+    if found < MIN_TRITON:
+        need = ".".join(map(str, MIN_TRITON))
+        raise ImportError(f"needs triton >= {need} (triton.knobs); this is triton "
+                          f"{triton.__version__}: pip install 'triton>={need}'")
     return {
         "triton": triton.__version__,
         "ptxas": ptxas_versions(targets),

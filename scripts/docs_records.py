@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from apudae_engine.evaluation.aware_sweep import pct
 from apudae_engine.evaluation.tables import mcnemar_p
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -132,10 +133,6 @@ def cli_vs_script_table() -> str:
     return "\n".join(lines) + "\n"
 
 
-def _pct(v: float | None) -> str:
-    return "–" if v is None else f"{100 * v:.1f}"
-
-
 def system_defended(series: dict, eps: float) -> np.ndarray:
     """Per attacked image of a curve's point: is the detect-and-reject system right on every
     held-out draw (flagged, or classified correctly on all of them) under every attack of the
@@ -197,13 +194,13 @@ def curves_table() -> str:
         out += [f"**{name}**: {s0['n_clean']:,} clean test images, {s0['points'][0]['n']} "
                 f"attacked per point; attacks {', '.join(s0['attacks'])} (per-image worst "
                 f"case), scored on {s0['draws']} held-out noise draws; clean rejection rate "
-                f"{_pct(s0['clean_rejected'])} %. Cells: robust accuracy, mean over the draws "
+                f"{pct(s0['clean_rejected'])} %. Cells: robust accuracy, mean over the draws "
                 "(correct on all) / the detect-and-reject system's, the same; eps 0: clean "
                 "accuracy / accuracy on the accepted clean images.", "",
                 "| eps | " + " | ".join(s["label"] for s in series) + " |",
                 "|---|" + "---|" * len(series)]
         out.append("| 0 (clean) | " + " | ".join(
-            f"{_pct(s['clean'])} / {_pct(s['clean_accepted'])}" for s in series) + " |")
+            f"{pct(s['clean'])} / {pct(s['clean_accepted'])}" for s in series) + " |")
         eps = sorted({p["eps"] for s in series for p in s["points"]})
         for e in eps:
             cells = []
@@ -213,9 +210,9 @@ def curves_table() -> str:
                     cells.append("not run")
                     continue
                 r = p.get("rejection", {})
-                cells.append(f"{_pct(p.get('mean', p['seed']))} ({_pct(p.get('all', p['seed']))})"
-                             f" / {_pct(r.get('mean', r.get('seed')))} "
-                             f"({_pct(r.get('all', r.get('seed')))})")
+                cells.append(f"{pct(p.get('mean', p['seed']))} ({pct(p.get('all', p['seed']))})"
+                             f" / {pct(r.get('mean', r.get('seed')))} "
+                             f"({pct(r.get('all', r.get('seed')))})")
             out.append(f"| {e:g} | " + " | ".join(cells) + " |")
         out += ["", *paired_table(series)]
         out += ["", "Commands: " + "; ".join(

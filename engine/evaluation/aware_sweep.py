@@ -81,7 +81,9 @@ def summarize_curves(config, tables: dict[str, dict[str, Any]],
     return out
 
 
-def _pct(v: float | None) -> str:
+def pct(v: float | None) -> str:
+    """A share as a percentage with one decimal, or an en dash where there is none (the curve
+    tables here and in the docs)."""
     return "–" if v is None else f"{100 * v:.1f}"
 
 
@@ -102,7 +104,7 @@ def markdown(curves: dict[str, Any], target_settings: dict[str, str]) -> list[st
            "*Detect and reject*: an input whose reconstruction error exceeds the flag "
            "threshold is rejected; the system is right when it rejects an attacked input or "
            "classifies it correctly. *flagged*: attacked inputs rejected. Eps 0: clean "
-           f"images (n = {clean['n']}); the system rejects {_pct(clean['rejected'])} % of "
+           f"images (n = {clean['n']}); the system rejects {pct(clean['rejected'])} % of "
            f"them (the false-positive rate on this split) and its accuracy there is on the "
            f"{clean['accepted_n']} accepted ones. *attack CPU s*: the attack's CPU seconds (all "
            "threads), the worst-case row their sum.", ""]
@@ -112,19 +114,19 @@ def markdown(curves: dict[str, Any], target_settings: dict[str, str]) -> list[st
                 "reject: seed | reject: mean [95 % CI] | reject: all | attack CPU s |",
                 "|---|---|---|---|---|---|---|---|---|---|---|"]
         acc, acc_kept = clean["accuracy"][target], clean["accepted_accuracy"][target]
-        out.append(f"| 0 | clean | {clean['n']} | {_pct(acc)} | | | "
-                   f"{_pct(clean['rejected'])} | {_pct(acc_kept)} (accepted) | | | |")
+        out.append(f"| 0 | clean | {clean['n']} | {pct(acc)} | | | "
+                   f"{pct(clean['rejected'])} | {pct(acc_kept)} (accepted) | | | |")
         for p in points:
             for name, q in [("**worst case**", p), *p["rows"].items()]:
                 if name != "**worst case**" and len(p["rows"]) < 2:
                     continue
                 r = q.get("rejection", {})
                 out.append(
-                    f"| {p['eps']:g} | {name} | {q['n']} | {_pct(q['seed'])} | "
-                    f"{_pct(q.get('mean'))}{_ci((q.get('ci95') or {}).get('mean'))} | "
-                    f"{_pct(q.get('all'))} | {_pct(r.get('flagged'))} | {_pct(r.get('seed'))} | "
-                    f"{_pct(r.get('mean'))}{_ci((r.get('ci95') or {}).get('mean'))} | "
-                    f"{_pct(r.get('all'))} | {q['attack_cpu_seconds']:.0f} |")
+                    f"| {p['eps']:g} | {name} | {q['n']} | {pct(q['seed'])} | "
+                    f"{pct(q.get('mean'))}{_ci((q.get('ci95') or {}).get('mean'))} | "
+                    f"{pct(q.get('all'))} | {pct(r.get('flagged'))} | {pct(r.get('seed'))} | "
+                    f"{pct(r.get('mean'))}{_ci((r.get('ci95') or {}).get('mean'))} | "
+                    f"{pct(r.get('all'))} | {q['attack_cpu_seconds']:.0f} |")
         out.append("")
     return out
 

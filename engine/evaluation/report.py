@@ -205,6 +205,15 @@ def _parts_line(p: dict[str, Any] | None) -> list[str]:
             "threads).  "]
 
 
+def _wall(s: dict[str, Any]) -> str:
+    """The report process's wall time, said as assembly where it computed no batch."""
+    p = s.get("parts")
+    if p and p["computed_by_this_process"] == 0:
+        return (f"Report assembled from the workers' parts in {s['wall_seconds']:.0f} s "
+                "(their attack time is below)")
+    return f"Wall time: {s['wall_seconds']:.0f} s"
+
+
 def _target_settings(defenses: dict[str, Any]) -> dict[str, str]:
     """A note per purifying defense on the settings it ran, for the curve tables."""
     out = {}
@@ -235,7 +244,7 @@ def markdown(results: dict[str, Any]) -> str:
     hw = s["hardware"]
     out = [f"# Robustness evaluation: {s['data']}", "",
            f"Command: `{s['command']}`  ",
-           f"Wall time: {s['wall_seconds']:.0f} s on {hw.get('cpu') or hw.get('processor')} "
+           f"{_wall(s)} on {hw.get('cpu') or hw.get('processor')} "
            f"({_machine(hw)}); "
            f"engine {s['engine']}, torch {s['torch']}; "
            f"defenses scored with the {s.get('defense_backend', 'reference')} backend.  ",

@@ -61,3 +61,17 @@ def test_every_launched_kernel_compiles_for_one_target(tmp_path: Path) -> None:
     assert compiled and all(not c["error"] for c in compiled)
     assert all(c["registers"] > 0 and c["arch"].startswith("sm_90") for c in compiled)
     assert "adaptive_update" in proc.stdout and "ok" in proc.stdout
+
+
+def test_an_older_triton_is_refused_with_the_version_it_needs(monkeypatch, capsys) -> None:
+    """The check reproduces triton's launch binding through ``triton.knobs`` (3.4+): an older
+    triton gets one error naming the installed version and the floor, not a stack trace."""
+    triton = pytest.importorskip("triton")
+    from apudae_kernels import compile_check
+
+    monkeypatch.setattr(triton, "__version__", "3.2.0")
+    if "TRITON_INTERPRET" in os.environ:  # main() drops it; monkeypatch puts it back after
+        monkeypatch.setenv("TRITON_INTERPRET", os.environ["TRITON_INTERPRET"])
+    assert compile_check.main(["--targets", "sm_90", "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert "needs triton >= 3.4" in err and "triton 3.2.0" in err

@@ -259,6 +259,8 @@ def test_cli_resumes_refuses_other_settings_and_starts_fresh(tmp_path, capsys, c
     assert "oblivious: resuming: 2 of 2 batches already done" in caplog.text
     again = json.loads((out / "results.json").read_text())
     assert again["settings"]["parts"]["computed_by_this_process"] == 0
+    report = (out / "results.md").read_text()  # a run that only assembled says so
+    assert "Report assembled from the workers' parts in" in report and "Wall time" not in report
     assert _tables(again) == _tables(first)
     capsys.readouterr()
     assert main([*args, "--eps", "0.2"]) == 2
