@@ -4,8 +4,8 @@
   made in memory from the committed records on each build; nothing is written into docs/.
 - ``on_page_markdown``: docs/cli.md's ``<!-- cli-reference -->`` becomes the reference that
   scripts/docs_cli_reference.py writes from the ``apudae-engine`` parser itself, and the
-  ``<!-- eval-records -->``, ``<!-- bench-table -->`` and ``<!-- cli-vs-script -->`` markers
-  become the tables that
+  ``<!-- eval-records -->``, ``<!-- bench-table -->``, ``<!-- cli-vs-script -->``,
+  ``<!-- aware-curves -->`` and ``<!-- detector-strong -->`` markers become the tables that
   scripts/docs_records.py writes from the committed records.
 
 A figure or page that a page links to and that is not made here fails ``mkdocs build
@@ -42,7 +42,8 @@ GENERATORS = {docs_cli_reference.MARKER: docs_cli_reference.cli_reference,
               docs_records.RECORDS_MARKER: docs_records.records_table,
               docs_records.BENCH_MARKER: docs_records.bench_table,
               docs_records.CLI_MARKER: docs_records.cli_vs_script_table,
-              docs_records.CURVES_MARKER: docs_records.curves_table}
+              docs_records.CURVES_MARKER: docs_records.curves_table,
+              docs_records.STRONG_MARKER: docs_records.strong_table}
 
 
 def on_page_markdown(markdown, page, config, files):

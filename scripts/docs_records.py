@@ -5,6 +5,8 @@
   the adaptive settings it ran; docs/evaluation.md's ``<!-- eval-records -->``.
 - ``curves_table()``: the defense-aware curves (``docs_figures.CURVE_RECORDS``), a table per
   dataset; docs/evaluation.md's ``<!-- aware-curves -->``.
+- ``strong_table()``: the stronger detector-aware runs (``STRONG_RECORDS``) beside the curve's
+  points they revisit; docs/evaluation.md's ``<!-- detector-strong -->``.
 - ``bench_table()``: the ``apudae-engine bench`` records the performance page quotes
   (``docs_figures.THROUGHPUT_RECORDS``); docs/performance.md's ``<!-- bench-table -->``.
 
@@ -31,6 +33,13 @@ RECORDS_MARKER = "<!-- eval-records -->"
 BENCH_MARKER = "<!-- bench-table -->"
 CLI_MARKER = "<!-- cli-vs-script -->"
 CURVES_MARKER = "<!-- aware-curves -->"
+STRONG_MARKER = "<!-- detector-strong -->"
+
+# Stronger runs of the detector-aware attack on a curve's first images (more steps, restarts):
+# per dataset, its curve records and the stronger ones, each a record of the same evaluate
+# with only ``--aware-attacks apgd-detector`` (``strong_table``).
+STRONG_RECORDS = (("MNIST", ("mnist-aware-curve",),
+                   ("mnist-detector-strong", "mnist-detector-strong-adaptive")),)
 COMMAND = re.compile(r"^Command:\s*`([^`]+)`", re.M)
 
 
@@ -220,6 +229,73 @@ def curves_table() -> str:
     return "\n".join(out) + "\n"
 
 
+def _budget(series: dict) -> str:
+    doc = json.loads((RESULTS / "eval" / series["record"] / "results.json").read_text())
+    a = doc["settings"]["attacks"]["apgd-detector"]
+    starts = a.get("restarts", 1)
+    return f"{a['steps']} steps, {starts} start{'s' if starts > 1 else ''}"
+
+
+def strong_table() -> str:
+    """docs/evaluation.md's ``<!-- detector-strong -->``: per run of ``STRONG_RECORDS`` and
+    point, the detect-and-reject system's accuracy (correct on all held-out draws) on that
+    run's images under the curve's attacks, under the run's stronger ``apgd-detector`` and
+    under the per-image worst case of the curve's attacks and every run of the point; then the
+    adaptive system against the others on the images both ran (exact sign test)."""
+    out = []
+    for name, curve_records, strong_records in STRONG_RECORDS:
+        curve = {s["target"]: s for s in curve_series(curve_records)}
+        runs = [s for r in strong_records for s in curve_series((r,)) if s["target"] in curve]
+        if not runs:
+            continue
+        worst: dict[tuple[str, float], np.ndarray] = {}
+        for s in runs:
+            c = curve[s["target"]]
+            if s["images"][:3] != c["images"][:3]:
+                raise ValueError(f"{s['record']} attacked other images than {c['record']}")
+            for p in s["points"]:
+                key = (s["target"], p["eps"])
+                new = system_defended(s, p["eps"])
+                old = worst.get(key, system_defended(c, p["eps"]))
+                n = min(len(old), len(new))  # the images every run of the point attacked
+                worst[key] = old[:n] & new[:n]
+        out += [f"**{name}**, the detect-and-reject system correct on all "
+                f"{runs[0]['draws']} held-out draws (%), on the first *n* images of the "
+                "curve's points; the last column is the per-image worst case of the curve's "
+                "attacks and every stronger run of the point:", "",
+                "| eps | defense | n | the curve's attacks | stronger apgd-detector | "
+                "worst case of all |", "|---|---|---|---|---|---|"]
+        for s in runs:
+            for p in s["points"]:
+                n = p["n"]
+                old = system_defended(curve[s["target"]], p["eps"])[:n]
+                new = system_defended(s, p["eps"])
+                w = worst[s["target"], p["eps"]][:n]
+                out.append(f"| {p['eps']:g} | {s['label']} | {n} | {pct(old.mean())} | "
+                           f"{pct(new.mean())} ({_budget(s)}) | **{pct(w.mean())}** |")
+        eps = sorted({e for t, e in worst if t == "adaptive"}, reverse=True)
+        if eps:
+            out += ["", "Paired on the images every run of both points attacked, worst case of "
+                    "all: *+b / −c* = images only the adaptive system defends / only the other "
+                    "does.", "", "| eps | n | vs no defense | vs direct DAE |",
+                    "|---|---|---|---|"]
+            for e in eps:
+                x = worst["adaptive", e]
+                cells = []
+                for other in ("none", "direct"):
+                    y = worst.get((other, e))
+                    if y is None:
+                        cells.append("not run")
+                        continue
+                    m = min(len(x), len(y))
+                    b, c = int((x[:m] & ~y[:m]).sum()), int((~x[:m] & y[:m]).sum())
+                    cells.append(f"+{b} / −{c} (n = {m}), p = {mcnemar_p(b, c):.2g}")
+                out.append(f"| {e:g} | {len(x)} | " + " | ".join(cells) + " |")
+        out += ["", "Commands: " + "; ".join(
+            f"`{c}`" for c in dict.fromkeys(s["command"] for s in runs)), ""]
+    return "\n".join(out) + "\n"
+
+
 if __name__ == "__main__":
     sys.stdout.write(records_table() + "\n" + bench_table() + "\n" + cli_vs_script_table()
-                     + "\n" + curves_table())
+                     + "\n" + curves_table() + "\n" + strong_table())

@@ -150,6 +150,16 @@ def test_the_curves_come_from_every_dataset_record_and_match_the_readme_figure()
     assert docs_records.CURVES_MARKER in (ROOT / "docs" / "evaluation.md").read_text()
     readme = (ROOT / "README.md").read_text()
     assert docs_figures.CURVES.relative_to(ROOT).as_posix() in readme
+    # The stronger detector-aware runs: on the curve's images, at least as strong as the
+    # curve's attacks combined (the last column is the per-image worst case of both).
+    strong = docs_records.strong_table()
+    assert docs_records.STRONG_MARKER in (ROOT / "docs" / "evaluation.md").read_text()
+    for name, _, records in docs_records.STRONG_RECORDS:
+        assert f"**{name}**" in strong
+        for s in docs_figures.curve_series(records):
+            assert s["attacks"] == ["apgd-detector"], s["record"]
+    cells = re.findall(r"\| ([\d.]+) \| ([\d.]+) \(\d+ steps.*?\| \*\*([\d.]+)\*\* \|", strong)
+    assert cells and all(float(w) <= min(float(c), float(s)) for c, s, w in cells)
     with Image.open(docs_figures.CURVES) as png:
         drawn_from = png.info.get("Description")
     assert drawn_from == docs_figures.curves_digest(docs_figures.curve_rows()), \
