@@ -200,10 +200,16 @@ def curves_table() -> str:
         if not series:
             continue
         s0 = series[0]
+        others = [f"{s['label']}: the first {s['n_clean']:,} images, "
+                  f"{pct(s['clean_rejected'])} %"
+                  for s in series if s["record"] != s0["record"]
+                  and (s["n_clean"], s["clean_rejected"]) != (s0["n_clean"], s0["clean_rejected"])]
         out += [f"**{name}**: {s0['n_clean']:,} clean test images, {s0['points'][0]['n']} "
                 f"attacked per point; attacks {', '.join(s0['attacks'])} (per-image worst "
                 f"case), scored on {s0['draws']} held-out noise draws; clean rejection rate "
-                f"{pct(s0['clean_rejected'])} %. Cells: robust accuracy, mean over the draws "
+                f"{pct(s0['clean_rejected'])} %"
+                + (f" ({'; '.join(others)})" if others else "")
+                + ". Cells: robust accuracy, mean over the draws "
                 "(correct on all) / the detect-and-reject system's, the same; eps 0: clean "
                 "accuracy / accuracy on the accepted clean images.", "",
                 "| eps | " + " | ".join(s["label"] for s in series) + " |",
