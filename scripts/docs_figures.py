@@ -293,6 +293,11 @@ def r_histogram_png() -> bytes:
 # adaptive defense at the method's own settings runs in a folder of its own).
 CURVE_RECORDS = (("Fashion-MNIST", ("fmnist-aware-curve", "fmnist-aware-curve-method")),
                  ("MNIST", ("mnist-aware-curve",)))
+# Stronger runs of the detector-aware attack on a curve's first images (more steps, restarts):
+# per dataset, its curve records and the stronger ones, each a record of the same evaluate
+# with only ``--aware-attacks apgd-detector`` (``strong_runs``; docs_records.strong_table).
+STRONG_RECORDS = (("MNIST", ("mnist-aware-curve",),
+                   ("mnist-detector-strong", "mnist-detector-strong-adaptive")),)
 CURVES = ROOT / "docs" / "figures" / "aware_curves.png"
 CURVE_LABELS = {"none": "no defense", "direct": "direct DAE"}
 
@@ -333,6 +338,55 @@ def curve_series(records: tuple[str, ...]) -> list[dict]:
     return series
 
 
+def system_defended(series: dict, eps: float):
+    """Per attacked image of a curve's point: is the detect-and-reject system right on every
+    held-out draw (flagged, or classified correctly on all of them) under every attack of the
+    point (their per-image worst case)? A bool array, from the record's per_image.npz."""
+    import numpy as np
+
+    threshold, k = series["threshold"], series["draws"]
+    npz = np.load(RESULTS / "eval" / series["record"] / "per_image.npz")
+    table = f"aware-{series['target']}-eps{eps:g}"
+    ok = None
+    for attack in series["attacks"]:
+        key = f"{table}/{attack}"
+        good = (npz[f"{key}/error"] > threshold) | (npz[f"{key}/draws"] == k)
+        ok = good if ok is None else ok & good
+    return ok
+
+
+def strong_runs(name: str) -> tuple[list[dict], dict]:
+    """A dataset's stronger detector-aware runs (``STRONG_RECORDS``): their series (one per
+    record and target, in order), and per (target, eps) the system's per-image worst case of
+    the curve's attacks and every run of the point, on the images all of them attacked."""
+    curve_records, strong_records = next(
+        ((c, s) for n, c, s in STRONG_RECORDS if n == name), ((), ()))
+    curve = {s["target"]: s for s in curve_series(curve_records)}
+    runs = [s for r in strong_records for s in curve_series((r,)) if s["target"] in curve]
+    worst: dict = {}
+    for s in runs:
+        c = curve[s["target"]]
+        if s["images"][:3] != c["images"][:3]:
+            raise ValueError(f"{s['record']} attacked other images than {c['record']}")
+        for p in s["points"]:
+            key = (s["target"], p["eps"])
+            new = system_defended(s, p["eps"])
+            old = worst.get(key, system_defended(c, p["eps"]))
+            n = min(len(old), len(new))
+            worst[key] = old[:n] & new[:n]
+    return runs, worst
+
+
+def strong_points(name: str) -> list[dict]:
+    """The figure's markers for a dataset's stronger runs: per (target, eps), the label, the
+    images and the system's worst-case accuracy, correct on all held-out draws."""
+    runs, worst = strong_runs(name)
+    labels = {s["target"]: s["label"] for s in runs}
+    return [{"label": labels[t], "eps": e, "n": int(len(w)), "all": float(w.mean()),
+             "records": [s["record"] for s in runs if s["target"] == t]}
+            for (t, e), w in sorted(worst.items())]
+
+
 def curves_digest(rows: list[tuple[str, list[dict]]]) -> str:
     """What the curves figure was drawn from (sha256 of its series), kept in the PNG's
     Description so a test can tell a stale README figure without comparing pixels."""
@@ -340,16 +394,19 @@ def curves_digest(rows: list[tuple[str, list[dict]]]) -> str:
         json.dumps(rows, sort_keys=True).encode()).hexdigest()
 
 
-def curve_rows() -> list[tuple[str, list[dict]]]:
-    """``curve_series`` of every dataset of ``CURVE_RECORDS`` that has a record."""
-    rows = [(name, curve_series(records)) for name, records in CURVE_RECORDS]
-    return [(name, series) for name, series in rows if series]
+def curve_rows() -> list[tuple[str, list[dict], list[dict]]]:
+    """Every dataset of ``CURVE_RECORDS`` that has a record: its ``curve_series`` and its
+    ``strong_points``."""
+    rows = [(name, curve_series(records), strong_points(name))
+            for name, records in CURVE_RECORDS]
+    return [row for row in rows if row[1]]
 
 
 def aware_curves_png() -> bytes:
     """Robust accuracy against L-inf eps against attackers who know each defense (mean over
     held-out draws with its 95 % band; dashed: correct on every draw), without and with
-    detect-and-reject, a row per dataset of ``CURVE_RECORDS``."""
+    detect-and-reject, a row per dataset of ``CURVE_RECORDS``; triangles on the system's
+    panel: the worst case with a dataset's stronger detector-aware runs (``strong_points``)."""
     plt = _pyplot()
     rows = curve_rows()
     if not rows:
@@ -359,7 +416,8 @@ def aware_curves_png() -> bytes:
                              sharey=True, squeeze=False)
     colors = {"no defense": "#8c8c8c", "direct DAE": "#2ca02c", "adaptive, tuned": "#1f77b4",
               "adaptive, method's settings": "#ff7f0e"}
-    for (name, series), ax_row in zip(rows, axes):
+    for (name, series, strong), ax_row in zip(rows, axes):
+        marked = []  # the stronger runs' markers, in their own legend
         for ax, system in zip(ax_row, (False, True)):
             for s in series:
                 pts = [p.get("rejection", {}) if system else p for p in s["points"]]
@@ -375,6 +433,13 @@ def aware_curves_png() -> bytes:
                                 [100 * start] + [100 * b[1] for b in band], color=color,
                                 alpha=0.12, lw=0)
                 ax.plot(eps, [100 * v for v in every], ls="--", lw=0.8, color=color)
+                marks = [q for q in strong if q["label"] == s["label"]] if system else []
+                if marks:
+                    n = ", ".join(sorted({str(q["n"]) for q in marks}))
+                    marked.append(ax.scatter(
+                        [q["eps"] for q in marks], [100 * q["all"] for q in marks], marker="v",
+                        s=28, color=color, edgecolor="black", lw=0.5, zorder=3,
+                        label=f"{s['label']} (n = {n})"))
             ax.set_title(f"{name}: " + ("detect and reject (flagged or correct)" if system
                                         else "robust accuracy"), fontsize=9)
             ax.set_ylim(0, 100)
@@ -383,7 +448,11 @@ def aware_curves_png() -> bytes:
         ax_row[0].set_ylabel("accuracy (%)")
         ax_row[0].legend(fontsize=7, title="solid: mean over held-out draws; dashed: all",
                          title_fontsize=6)
-    records = sorted({s["record"] for _, series in rows for s in series})
+        if marked:
+            ax_row[1].legend(handles=marked, fontsize=6, loc="lower left",
+                             title="\u25bc stronger apgd-detector, worst case", title_fontsize=6)
+    records = sorted({s["record"] for _, series, _ in rows for s in series}
+                     | {r for _, _, strong in rows for q in strong for r in q["records"]})
     fig.text(0.01, 0.0, "records: " + ", ".join(f"benchmarks/results/eval/{r}" for r in records),
              fontsize=6)
     fig.tight_layout(rect=(0, 0.02, 1, 1))

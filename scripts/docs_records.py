@@ -20,26 +20,26 @@ import re
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from apudae_engine.evaluation.aware_sweep import pct
 from apudae_engine.evaluation.tables import mcnemar_p
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from docs_figures import CURVE_RECORDS, RESULTS, bench_rows, curve_series  # noqa: E402
+from docs_figures import (  # noqa: E402
+    CURVE_RECORDS,
+    RESULTS,
+    STRONG_RECORDS,
+    bench_rows,
+    curve_series,
+    strong_runs,
+    system_defended,
+)
 
 RECORDS_MARKER = "<!-- eval-records -->"
 BENCH_MARKER = "<!-- bench-table -->"
 CLI_MARKER = "<!-- cli-vs-script -->"
 CURVES_MARKER = "<!-- aware-curves -->"
 STRONG_MARKER = "<!-- detector-strong -->"
-
-# Stronger runs of the detector-aware attack on a curve's first images (more steps, restarts):
-# per dataset, its curve records and the stronger ones, each a record of the same evaluate
-# with only ``--aware-attacks apgd-detector`` (``strong_table``).
-STRONG_RECORDS = (("MNIST", ("mnist-aware-curve",),
-                   ("mnist-detector-strong", "mnist-detector-strong-adaptive")),)
 COMMAND = re.compile(r"^Command:\s*`([^`]+)`", re.M)
 
 
@@ -142,21 +142,6 @@ def cli_vs_script_table() -> str:
     return "\n".join(lines) + "\n"
 
 
-def system_defended(series: dict, eps: float) -> np.ndarray:
-    """Per attacked image of a curve's point: is the detect-and-reject system right on every
-    held-out draw (flagged, or classified correctly on all of them) under every attack of the
-    point (their per-image worst case)? From the record's per_image.npz."""
-    threshold, k = series["threshold"], series["draws"]
-    npz = np.load(RESULTS / "eval" / series["record"] / "per_image.npz")
-    table = f"aware-{series['target']}-eps{eps:g}"
-    ok = None
-    for attack in series["attacks"]:
-        key = f"{table}/{attack}"
-        good = (npz[f"{key}/error"] > threshold) | (npz[f"{key}/draws"] == k)
-        ok = good if ok is None else ok & good
-    return ok
-
-
 def paired_table(series: list[dict]) -> list[str]:
     """Each adaptive curve against no defense and the direct DAE on the same images, the
     detect-and-reject system correct on all held-out draws: +b / -c (images only it / only
@@ -246,25 +231,15 @@ def strong_table() -> str:
     """docs/evaluation.md's ``<!-- detector-strong -->``: per run of ``STRONG_RECORDS`` and
     point, the detect-and-reject system's accuracy (correct on all held-out draws) on that
     run's images under the curve's attacks, under the run's stronger ``apgd-detector`` and
-    under the per-image worst case of the curve's attacks and every run of the point; then the
-    adaptive system against the others on the images both ran (exact sign test)."""
+    under the per-image worst case of the curve's attacks and every run of the point
+    (``strong_runs``); then the adaptive system against the others on the images both ran
+    (exact sign test)."""
     out = []
-    for name, curve_records, strong_records in STRONG_RECORDS:
+    for name, curve_records, _ in STRONG_RECORDS:
         curve = {s["target"]: s for s in curve_series(curve_records)}
-        runs = [s for r in strong_records for s in curve_series((r,)) if s["target"] in curve]
+        runs, worst = strong_runs(name)
         if not runs:
             continue
-        worst: dict[tuple[str, float], np.ndarray] = {}
-        for s in runs:
-            c = curve[s["target"]]
-            if s["images"][:3] != c["images"][:3]:
-                raise ValueError(f"{s['record']} attacked other images than {c['record']}")
-            for p in s["points"]:
-                key = (s["target"], p["eps"])
-                new = system_defended(s, p["eps"])
-                old = worst.get(key, system_defended(c, p["eps"]))
-                n = min(len(old), len(new))  # the images every run of the point attacked
-                worst[key] = old[:n] & new[:n]
         out += [f"**{name}**, the detect-and-reject system correct on all "
                 f"{runs[0]['draws']} held-out draws (%), on the first *n* images of the "
                 "curve's points; the last column is the per-image worst case of the curve's "
