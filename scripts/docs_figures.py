@@ -297,7 +297,8 @@ CURVE_RECORDS = (("Fashion-MNIST", ("fmnist-aware-curve", "fmnist-aware-curve-me
 # per dataset, its curve records and the stronger ones, each a record of the same evaluate
 # with only ``--aware-attacks apgd-detector`` (``strong_runs``; docs_records.strong_table).
 STRONG_RECORDS = (("MNIST", ("mnist-aware-curve",),
-                   ("mnist-detector-strong", "mnist-detector-strong-adaptive")),)
+                   ("mnist-detector-strong", "mnist-detector-strong-adaptive",
+                    "mnist-detector-stronger")),)
 CURVES = ROOT / "docs" / "figures" / "aware_curves.png"
 CURVE_LABELS = {"none": "no defense", "direct": "direct DAE"}
 

@@ -270,7 +270,8 @@ def strong_table() -> str:
                         continue
                     m = min(len(x), len(y))
                     b, c = int((x[:m] & ~y[:m]).sum()), int((~x[:m] & y[:m]).sum())
-                    cells.append(f"+{b} / −{c} (n = {m}), p = {mcnemar_p(b, c):.2g}")
+                    fewer = f" (n = {m})" if m < len(x) else ""
+                    cells.append(f"+{b} / −{c}{fewer}, p = {mcnemar_p(b, c):.2g}")
                 out.append(f"| {e:g} | {len(x)} | " + " | ".join(cells) + " |")
         out += ["", "Commands: " + "; ".join(
             f"`{c}`" for c in dict.fromkeys(s["command"] for s in runs)), ""]
