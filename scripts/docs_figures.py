@@ -454,9 +454,10 @@ def aware_curves_png() -> bytes:
                              title="\u25bc stronger apgd-detector, worst case", title_fontsize=6)
     records = sorted({s["record"] for _, series, _ in rows for s in series}
                      | {r for _, _, strong in rows for q in strong for r in q["records"]})
-    fig.text(0.01, 0.0, "records: " + ", ".join(f"benchmarks/results/eval/{r}" for r in records),
-             fontsize=6)
-    fig.tight_layout(rect=(0, 0.02, 1, 1))
+    footer = textwrap.wrap("records: " + ", ".join(f"benchmarks/results/eval/{r}"
+                                                   for r in records), 170)
+    fig.text(0.01, 0.0, "\n".join(footer), fontsize=6)
+    fig.tight_layout(rect=(0, 0.01 + 0.012 * len(footer), 1, 1))
     return _png(fig, curves_digest(rows))
 
 
