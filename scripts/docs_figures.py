@@ -332,6 +332,7 @@ def curve_series(records: tuple[str, ...]) -> list[dict]:
                            "clean_accepted": clean["accepted_accuracy"][target],
                            "clean_rejected": clean["rejected"], "points": points,
                            "command": doc["settings"]["command"],
+                           "attack_settings": doc["settings"]["attacks"],
                            "threshold": doc["settings"]["calibration"]["flag_threshold"],
                            "images": [doc["settings"][k] for k in
                                       ("dataset", "split", "offset", "aware_n")],
@@ -357,14 +358,16 @@ def system_defended(series: dict, eps: float):
 
 
 def strong_runs(name: str) -> tuple[list[dict], dict]:
-    """A dataset's stronger detector-aware runs (``STRONG_RECORDS``): their series (one per
-    record and target, in order), and per (target, eps) the system's per-image worst case of
-    the curve's attacks and every run of the point, on the images all of them attacked."""
+    """A dataset's stronger detector-aware runs (``STRONG_RECORDS``): a point per record,
+    target and eps, in order (its ``series``, ``eps``, and the system's per-image outcome on
+    the run's images under the curve's attacks, ``curve``, and under the run, ``run``); and
+    per (target, eps) the per-image worst case of the curve's attacks and every run of the
+    point, on the images all of them attacked."""
     curve_records, strong_records = next(
         ((c, s) for n, c, s in STRONG_RECORDS if n == name), ((), ()))
     curve = {s["target"]: s for s in curve_series(curve_records)}
     runs = [s for r in strong_records for s in curve_series((r,)) if s["target"] in curve]
-    worst: dict = {}
+    points, worst = [], {}
     for s in runs:
         c = curve[s["target"]]
         if s["images"][:3] != c["images"][:3]:
@@ -372,19 +375,23 @@ def strong_runs(name: str) -> tuple[list[dict], dict]:
         for p in s["points"]:
             key = (s["target"], p["eps"])
             new = system_defended(s, p["eps"])
-            old = worst.get(key, system_defended(c, p["eps"]))
-            n = min(len(old), len(new))
-            worst[key] = old[:n] & new[:n]
-    return runs, worst
+            old = system_defended(c, p["eps"])[:len(new)]
+            points.append({"series": s, "eps": p["eps"], "curve": old, "run": new})
+            prev = worst.get(key, old)
+            n = min(len(prev), len(new))
+            worst[key] = prev[:n] & new[:n]
+    return points, worst
 
 
 def strong_points(name: str) -> list[dict]:
     """The figure's markers for a dataset's stronger runs: per (target, eps), the label, the
     images and the system's worst-case accuracy, correct on all held-out draws."""
-    runs, worst = strong_runs(name)
-    labels = {s["target"]: s["label"] for s in runs}
+    points, worst = strong_runs(name)
+    labels = {q["series"]["target"]: q["series"]["label"] for q in points}
+    records = {t: list(dict.fromkeys(q["series"]["record"] for q in points
+                                     if q["series"]["target"] == t)) for t in labels}
     return [{"label": labels[t], "eps": e, "n": int(len(w)), "all": float(w.mean()),
-             "records": [s["record"] for s in runs if s["target"] == t]}
+             "records": records[t]}
             for (t, e), w in sorted(worst.items())]
 
 

@@ -142,6 +142,13 @@ def cli_vs_script_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+def paired_cell(x, y, note: str = "") -> str:
+    """Two systems' per-image outcomes on the same images: *+b / −c* (images only the first
+    / only the second defends), ``note``, and the exact two-sided sign test's p."""
+    b, c = int((x & ~y).sum()), int((~x & y).sum())
+    return f"+{b} / −{c}{note}, p = {mcnemar_p(b, c):.2g}"
+
+
 def paired_table(series: list[dict]) -> list[str]:
     """Each adaptive curve against no defense and the direct DAE on the same images, the
     detect-and-reject system correct on all held-out draws: +b / -c (images only it / only
@@ -167,9 +174,7 @@ def paired_table(series: list[dict]) -> list[str]:
             if a["images"] != o["images"]:
                 cells.append("other images")
                 continue
-            x, y = system_defended(a, e), system_defended(o, e)
-            b, c = int((x & ~y).sum()), int((~x & y).sum())
-            cells.append(f"+{b} / −{c}, p = {mcnemar_p(b, c):.2g}")
+            cells.append(paired_cell(system_defended(a, e), system_defended(o, e)))
         lines.append(f"| {e:g} | " + " | ".join(cells) + " |")
     return lines
 
@@ -221,39 +226,33 @@ def curves_table() -> str:
 
 
 def _budget(series: dict) -> str:
-    doc = json.loads((RESULTS / "eval" / series["record"] / "results.json").read_text())
-    a = doc["settings"]["attacks"]["apgd-detector"]
+    a = series["attack_settings"]["apgd-detector"]
     starts = a.get("restarts", 1)
     return f"{a['steps']} steps, {starts} start{'s' if starts > 1 else ''}"
 
 
 def strong_table() -> str:
-    """docs/evaluation.md's ``<!-- detector-strong -->``: per run of ``STRONG_RECORDS`` and
-    point, the detect-and-reject system's accuracy (correct on all held-out draws) on that
-    run's images under the curve's attacks, under the run's stronger ``apgd-detector`` and
-    under the per-image worst case of the curve's attacks and every run of the point
-    (``strong_runs``); then the adaptive system against the others on the images both ran
-    (exact sign test)."""
+    """docs/evaluation.md's ``<!-- detector-strong -->``: per point of ``strong_runs``, the
+    detect-and-reject system's accuracy (correct on all held-out draws) on that run's images
+    under the curve's attacks, under the run's stronger ``apgd-detector`` and under the
+    per-image worst case of the curve's attacks and every run of the point; then the adaptive
+    system against the others on the images both ran (exact sign test)."""
     out = []
-    for name, curve_records, _ in STRONG_RECORDS:
-        curve = {s["target"]: s for s in curve_series(curve_records)}
-        runs, worst = strong_runs(name)
-        if not runs:
+    for name, _, _ in STRONG_RECORDS:
+        points, worst = strong_runs(name)
+        if not points:
             continue
         out += [f"**{name}**, the detect-and-reject system correct on all "
-                f"{runs[0]['draws']} held-out draws (%), on the first *n* images of the "
-                "curve's points; the last column is the per-image worst case of the curve's "
+                f"{points[0]['series']['draws']} held-out draws (%), on the first *n* images of "
+                "the curve's points; the last column is the per-image worst case of the curve's "
                 "attacks and every stronger run of the point:", "",
                 "| eps | defense | n | the curve's attacks | stronger apgd-detector | "
                 "worst case of all |", "|---|---|---|---|---|---|"]
-        for s in runs:
-            for p in s["points"]:
-                n = p["n"]
-                old = system_defended(curve[s["target"]], p["eps"])[:n]
-                new = system_defended(s, p["eps"])
-                w = worst[s["target"], p["eps"]][:n]
-                out.append(f"| {p['eps']:g} | {s['label']} | {n} | {pct(old.mean())} | "
-                           f"{pct(new.mean())} ({_budget(s)}) | **{pct(w.mean())}** |")
+        for q in points:
+            s, n = q["series"], len(q["run"])
+            w = worst[s["target"], q["eps"]][:n]
+            out.append(f"| {q['eps']:g} | {s['label']} | {n} | {pct(q['curve'].mean())} | "
+                       f"{pct(q['run'].mean())} ({_budget(s)}) | **{pct(w.mean())}** |")
         eps = sorted({e for t, e in worst if t == "adaptive"}, reverse=True)
         if eps:
             out += ["", "Paired on the images every run of both points attacked, worst case of "
@@ -269,12 +268,10 @@ def strong_table() -> str:
                         cells.append("not run")
                         continue
                     m = min(len(x), len(y))
-                    b, c = int((x[:m] & ~y[:m]).sum()), int((~x[:m] & y[:m]).sum())
-                    fewer = f" (n = {m})" if m < len(x) else ""
-                    cells.append(f"+{b} / −{c}{fewer}, p = {mcnemar_p(b, c):.2g}")
+                    cells.append(paired_cell(x[:m], y[:m], f" (n = {m})" if m < len(x) else ""))
                 out.append(f"| {e:g} | {len(x)} | " + " | ".join(cells) + " |")
         out += ["", "Commands: " + "; ".join(
-            f"`{c}`" for c in dict.fromkeys(s["command"] for s in runs)), ""]
+            f"`{c}`" for c in dict.fromkeys(q["series"]["command"] for q in points)), ""]
     return "\n".join(out) + "\n"
 
 
